@@ -1,0 +1,10 @@
+"""shard_tools: pack a folder-per-class JPEG set into WebDataset shards that DALI reads.
+
+Nothing here imports torch or DALI: packing, verifying and the EDA run on any machine with
+Pillow and numpy.
+"""
+
+__version__ = "0.1.0"
+
+# Manifest format version; bump when the layout or a field's meaning changes.
+FORMAT_VERSION = 1

@@ -1,0 +1,145 @@
+"""`kvasir-shard`: synth | build | verify | download | eda. Argparse feeding the dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+
+def _build(a: argparse.Namespace) -> int:
+    from .build import BuildError, BuildSpec, build
+
+    spec = BuildSpec(src=a.src, out=a.out, val_fraction=a.val_fraction,
+                     test_fraction=a.test_fraction, seed=a.seed,
+                     shard_bytes=int(a.shard_mb * 2**20), max_side=a.max_side, name=a.name,
+                     workers=a.workers, overwrite=a.overwrite)
+    try:
+        m = build(spec)
+    except (BuildError, FileNotFoundError, ValueError) as exc:
+        print(f"kvasir-shard build: error: {exc}", file=sys.stderr)
+        return 2
+    records = m["_records"]
+    packed = sum(s["count"] for s in m["splits"].values())
+    src_bytes = sum(r.size for r in records)
+    secs = m["_elapsed_s"]
+    per_split = ", ".join(f"{k} {v['count']}" for k, v in m["splits"].items())
+    print(f"packed {packed} of {m['source_files']} files into {a.out} ({per_split}), "
+          f"{len(m['classes'])} classes")
+    for reason, n in sorted(m["converted"].items()):
+        print(f"  converted {n}: {reason}")
+    for reason, n in Counter(r["reason"] for r in m["rejected"]).most_common():
+        print(f"  rejected {n}: {reason}")
+    for r in m["rejected"][:20]:
+        print(f"    {r['path']}: {r['reason']}")
+    if m["duplicate_groups"]:
+        print(f"  {len(m['duplicate_groups'])} duplicate groups kept within one split each")
+    print(f"  {len(records) / secs:.0f} images/s, {src_bytes / secs / 1e6:.1f} MB/s "
+          f"on {m['_workers']} workers ({secs:.1f} s)")
+    return 0
+
+
+def _synth(a: argparse.Namespace) -> int:
+    from .synth import synth
+
+    stats = synth(a.out, a.per_class, a.seed, a.workers)
+    print(f"wrote {stats['images']} images ({stats['bytes'] / 1e6:.1f} MB) to {a.out}")
+    return 0
+
+
+def _verify(a: argparse.Namespace) -> int:
+    from .verify import verify
+
+    errors = verify(a.out)
+    for e in errors:
+        print(f"kvasir-shard verify: {e}", file=sys.stderr)
+    if errors:
+        print(f"{len(errors)} problem(s) found; rebuild with `kvasir-shard build ... --overwrite`",
+              file=sys.stderr)
+        return 1
+    print(f"{a.out}: all shards match the manifest")
+    return 0
+
+
+def _download(a: argparse.Namespace) -> int:
+    from .download import DownloadError, download
+
+    try:
+        z = download(Path(a.dir), a.url, a.sha256, extract=not a.no_extract, timeout=a.timeout)
+    except DownloadError as exc:
+        print(f"kvasir-shard download: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{z}: ok. Next: kvasir-shard build {z} shards/")
+    return 0
+
+
+def _eda(a: argparse.Namespace) -> int:
+    from .eda import eda
+
+    report = eda(a.src, a.out, workers=a.workers)
+    print(f"wrote {a.out}/eda.md, eda.json and {len(report['pictures'])} pictures")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line; each subcommand's help says what it writes."""
+    from .build import BuildSpec
+    from .download import KVASIR_URL
+
+    d = BuildSpec("", "")
+    p = argparse.ArgumentParser(prog="kvasir-shard", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("synth", help="write a synthetic Kvasir-shaped data set")
+    s.add_argument("out")
+    s.add_argument("--per-class", type=int, required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--workers", type=int, default=0, help="processes (0: all cores)")
+    s.set_defaults(fn=_synth)
+
+    b = sub.add_parser("build", help="pack SRC (folder or zip) into split, indexed tar shards")
+    b.add_argument("src")
+    b.add_argument("out")
+    b.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    b.add_argument("--test-fraction", type=float, default=d.test_fraction)
+    b.add_argument("--seed", type=int, default=d.seed)
+    b.add_argument("--shard-mb", type=float, default=d.shard_bytes / 2**20,
+                   help="target shard size in MiB")
+    b.add_argument("--max-side", type=int, default=0,
+                   help="downscale images whose longer side exceeds this (0: off)")
+    b.add_argument("--name", default=d.name, help="shard file name prefix")
+    b.add_argument("--workers", type=int, default=0, help="processes (0: all cores)")
+    b.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    b.set_defaults(fn=_build)
+
+    v = sub.add_parser("verify", help="re-read every shard and check it against the manifest")
+    v.add_argument("out")
+    v.set_defaults(fn=_verify)
+
+    dl = sub.add_parser("download", help="download and unpack the Kvasir v2 zip")
+    dl.add_argument("dir", nargs="?", default="data")
+    dl.add_argument("--url", default=KVASIR_URL)
+    dl.add_argument("--sha256", default=None, help="expected SHA-256 of the zip")
+    dl.add_argument("--no-extract", action="store_true", help="keep the zip only")
+    dl.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server")
+    dl.set_defaults(fn=_download)
+
+    e = sub.add_parser("eda", help="statistics and pictures of a Kvasir-layout folder or zip")
+    e.add_argument("src")
+    e.add_argument("--out", required=True)
+    e.add_argument("--workers", type=int, default=0)
+    e.set_defaults(fn=_eda)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `kvasir-shard`."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    a = parser().parse_args(argv)
+    return a.fn(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Deterministic WebDataset tars and their DALI index files (format v1.2).
+
+A tar written here depends only on the samples given: USTAR headers, mtime 0, uid/gid 0,
+empty owner names, mode 0644. The index lists, per sample, `<ext> <offset> <size> <name>`
+for each member, offsets pointing at the member's data (multiple of 512), which is what
+DALI's `readers.webdataset` and its own `wds2idx` tool produce.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+INDEX_VERSION = "v1.2"
+
+
+@dataclass(frozen=True)
+class Member:
+    """One member of the index: where a sample component's bytes lie in the tar."""
+
+    ext: str
+    offset: int  # bytes from the start of the tar; multiple of 512
+    size: int  # bytes
+    name: str
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """WebDataset's rule: the key is the text before the first dot of the basename."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    if dot < 0:
+        return name, ""
+    return name[:dot], name[dot + 1 :]
+
+
+def _info(name: str, size: int) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime, ti.mode = size, 0, 0o644
+    ti.uid = ti.gid = 0
+    ti.uname = ti.gname = ""
+    return ti
+
+
+def write_tar(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> list[list[Member]]:
+    """Write `(key, {ext: bytes})` samples, members of a sample adjacent; return the index.
+
+    Extensions are written in sorted order so the layout never depends on dict order.
+    """
+    index: list[list[Member]] = []
+    with open(path, "wb") as fh, tarfile.open(
+        fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT
+    ) as tar:
+        for key, parts in samples:
+            if "." in key or " " in key or not key.isascii():
+                raise ValueError(f"sample key {key!r} must be ASCII without dots or spaces")
+            row = []
+            for ext in sorted(parts):
+                name = f"{key}.{ext}"
+                info = _info(name, len(parts[ext]))
+                tar.addfile(info, io.BytesIO(parts[ext]))
+                # After addfile, tar.offset is the end of this member's data, padded to 512.
+                data_offset = tar.offset - -(-info.size // 512) * 512
+                row.append(Member(ext, data_offset, info.size, name))
+            index.append(row)
+    return index
+
+
+def format_index(index: list[list[Member]]) -> str:
+    """The text of a v1.2 index file."""
+    lines = [f"{INDEX_VERSION} {len(index)}"]
+    for row in index:
+        lines.append(" ".join(f"{m.ext} {m.offset} {m.size} {m.name}" for m in row))
+    return "\n".join(lines) + "\n"
+
+
+def parse_index(text: str, source: str = "index") -> list[list[Member]]:
+    """Parse a v1.1/v1.2 index; raise ValueError naming `source` when malformed."""
+    lines = text.splitlines()
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or head[0] != INDEX_VERSION:
+        raise ValueError(f"{source}: first line must be '{INDEX_VERSION} <count>', got {head}")
+    rows = []
+    for n, line in enumerate(lines[1:], start=2):
+        f = line.split()
+        if not f or len(f) % 4:
+            raise ValueError(f"{source}: line {n} does not hold <ext offset size name> groups")
+        rows.append([Member(f[i], int(f[i + 1]), int(f[i + 2]), f[i + 3])
+                     for i in range(0, len(f), 4)])
+    if len(rows) != int(head[1]):
+        raise ValueError(f"{source}: header says {head[1]} samples, found {len(rows)}")
+    return rows
+
+
+def scan_tar(path: Path) -> list[list[Member]]:
+    """Index a tar by reading its headers (independent of how it was written)."""
+    rows: list[list[Member]] = []
+    last = None
+    with tarfile.open(path, mode="r:") as tar:
+        for ti in tar:
+            if not ti.isreg():
+                continue
+            key, ext = split_name(ti.name)
+            m = Member(ext, ti.offset_data, ti.size, ti.name)
+            if key != last:
+                rows.append([m])
+                last = key
+            else:
+                rows[-1].append(m)
+    return rows
