@@ -2,7 +2,8 @@
 
 Output (see README "Shard format"):
     OUT/<split>/<name>-NNNNNN.tar   samples `<key>.cls` (label, decimal text), `<key>.jpg`
-                                    (baseline RGB JPEG), `<key>.lbl` (label, int64 little endian)
+                                    (baseline RGB JPEG), `<key>.lbl` (label and key as two
+                                    int64 little endian, so DALI reads both as one tensor)
     OUT/<split>/<name>-NNNNNN.idx   DALI index v1.2
     OUT/manifest.json, OUT/samples.csv
 Every source file is packed or rejected with a reason; the same input and options give
@@ -152,14 +153,15 @@ def _write_split(
     for r, (data, pw, ph) in zip(recs, packed):
         v = r.verdict
         label = labels[r.cls]
-        sample = {"cls": str(label).encode(), "jpg": data, "lbl": struct.pack("<q", label)}
+        key = keys[r.rel]
+        sample = {"cls": str(label).encode(), "jpg": data, "lbl": struct.pack("<qq", label, int(key))}
         need = len(data) + 3 * 512 + 1024  # member headers and padding
         if current and size + need > spec.shard_bytes:
             flush()
-        current.append((keys[r.rel], sample))
+        current.append((key, sample))
         size += need
         rows.append({
-            "key": keys[r.rel], "split": split, "label": label, "class": r.cls, "source": r.rel,
+            "key": key, "split": split, "label": label, "class": r.cls, "source": r.rel,
             "width": v.width, "height": v.height, "sha256": v.sha256,
             "converted": int(v.convert), "reason": "; ".join(v.reasons),
             "packed_width": pw or v.width, "packed_height": ph or v.height,

@@ -46,9 +46,12 @@ def _check_shard(root: Path, entry: dict, n_classes: int) -> list[str]:
                           f"expected {list(REQUIRED)}")
             continue
         text = data[parts["cls"].offset : parts["cls"].offset + parts["cls"].size]
-        (binary,) = struct.unpack("<q", data[parts["lbl"].offset : parts["lbl"].offset + 8])
+        lbl = data[parts["lbl"].offset : parts["lbl"].offset + parts["lbl"].size]
+        binary, number = struct.unpack("<qq", lbl) if len(lbl) == 16 else (-1, -1)
         if not text.isdigit() or int(text) != binary or not 0 <= binary < n_classes:
             errors.append(f"{tar}: sample {key} has labels cls={text!r} lbl={binary}")
+        if number != int(key):
+            errors.append(f"{tar}: sample {key} carries key number {number} in its .lbl")
         jpg = data[parts["jpg"].offset : parts["jpg"].offset + 2]
         if jpg != b"\xff\xd8":
             errors.append(f"{tar}: sample {key} image does not start like a JPEG")

@@ -59,7 +59,7 @@ def test_round_trip_keeps_bytes_labels_and_counts(synth_dir, shards):
                 label = int(row["label"])
                 assert manifest["classes"][label] == row["class"] == Path(row["source"]).parts[0]
                 assert int(members[f"{key}.cls"]) == label
-                assert struct.unpack("<q", members[f"{key}.lbl"])[0] == label
+                assert struct.unpack("<qq", members[f"{key}.lbl"]) == (label, int(key))
                 assert row["split"] == split
                 seen += 1
     assert seen == 96
@@ -116,6 +116,7 @@ def test_dali_reader_reads_shards_with_project_index_on_cpu(shards):
     while len(got) < info["count"]:
         jpg, lbl = p.run()
         for i in range(len(jpg)):
+            assert int(lbl.at(i)[1]) >= 0  # the key number rides along with the label
             got.append((bytes(jpg.at(i)), int(lbl.at(i)[0])))
     got = got[: info["count"]]
     by_digest = {r["sha256"]: int(r["label"]) for r in rows.values() if r["split"] == "train"}
