@@ -175,3 +175,10 @@ def test_fp16_fit_with_dali_on_the_gpu(shards, tmp_path):
            "--data.device", "gpu", *FAST], tmp_path)
     results = json.loads(next(tmp_path.glob("runs/*/*/results.json")).read_text())
     assert results["num_samples"] == 24
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_resolves(config, shards, tmp_path):
+    res = train(["fit", "--config", str(config), "--data.shards", str(shards), "--print_config"],
+                tmp_path)
+    assert "model_name: fastvit" in res.stdout and "batch_size:" in res.stdout

@@ -1,0 +1,92 @@
+"""The loaders that benchmarks/throughput.py compares, each yielding (images, labels) batches.
+
+- dali:      the project's own DALI training pipeline (CPU or GPU graph)
+- torch-pil: a PyTorch DataLoader over the original JPEG folder, PIL decode + albumentations
+             (how the reference write-up loaded its data; the baseline for every ratio)
+- wds-pil:   the webdataset library over the same shards, same PIL + albumentations work
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import albumentations as A
+import numpy as np
+import torch
+from PIL import Image
+
+from kvasir_dali.data import DaliLoader, model_norm
+from kvasir_dali.pipeline import Augment, PipeSpec
+from kvasir_dali.shards import ShardSet
+
+
+def albumentations_train(size: int, mean, std, aug: Augment = Augment()) -> A.Compose:
+    """The same augmentations as the DALI training graph, in albumentations."""
+    return A.Compose([
+        A.RandomResizedCrop(size=(size, size), scale=aug.scale, ratio=aug.ratio),
+        A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.Transpose(p=0.5),
+        A.Rotate(limit=aug.rotate, p=aug.rotate_p, border_mode=0),
+        A.ColorJitter(brightness=aug.brightness, contrast=aug.contrast,
+                      saturation=aug.saturation, hue=aug.hue / 360, p=aug.jitter_p),
+        A.Normalize(mean=mean, std=std),
+    ])
+
+
+def _to_tensor(img: Image.Image, tf: A.Compose) -> torch.Tensor:
+    x = tf(image=np.asarray(img.convert("RGB")))["image"]  # (S, S, 3) float32
+    return torch.from_numpy(x.transpose(2, 0, 1).copy())
+
+
+class JpegFolder(torch.utils.data.Dataset):
+    """The training split's source JPEGs, read from the original folder."""
+
+    def __init__(self, shards: Path, size: int, mean, std) -> None:
+        src = Path(ShardSet.open(shards).manifest["source"])
+        rows = [r for r in csv.DictReader(open(shards / "samples.csv")) if r["split"] == "train"]
+        self.items = [(src / r["source"], int(r["label"])) for r in rows]
+        self.tf = albumentations_train(size, mean, std)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        path, label = self.items[i]
+        return _to_tensor(Image.open(path), self.tf), label
+
+
+def torch_pil(shards: Path, batch: int, size: int, workers: int, model: str):
+    mean, std = model_norm(model)
+    ds = JpegFolder(shards, size, mean, std)
+    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, drop_last=True,
+                                       num_workers=workers, persistent_workers=workers > 0,
+                                       prefetch_factor=4 if workers else None)
+
+
+def wds_pil(shards: Path, batch: int, size: int, workers: int, model: str):
+    import webdataset as wds
+
+    mean, std = model_norm(model)
+    tf = albumentations_train(size, mean, std)
+    s = ShardSet.open(shards)
+    urls = s.files("train").tars
+    n_batches = s.count("train") // batch
+
+    def decode(sample):
+        return _to_tensor(Image.open(io.BytesIO(sample["jpg"])), tf), int(sample["cls"])
+
+    ds = (wds.WebDataset(urls, shardshuffle=len(urls), empty_check=False).shuffle(1000)
+          .map(decode).batched(batch, partial=False))
+    return wds.WebLoader(ds, batch_size=None, num_workers=workers,
+                         persistent_workers=workers > 0).with_epoch(n_batches)
+
+
+def dali(shards: Path, batch: int, size: int, threads: int, model: str, device: str = "cpu"):
+    mean, std = model_norm(model)
+    f = ShardSet.open(shards).files("train")
+    spec = PipeSpec(tars=f.tars, indexes=f.indexes, batch_size=batch, image_size=size,
+                    mean=mean, std=std, train=True, device=device,
+                    device_id=0 if device == "gpu" else None, num_threads=threads,
+                    fp16=device == "gpu", shuffle_buffer=f.count)
+    return DaliLoader(spec)
