@@ -1,6 +1,6 @@
 """shard_tools: pack a folder-per-class JPEG set into WebDataset shards that DALI reads.
 
-Nothing here imports torch or DALI: packing, verifying and the EDA run on any machine with
+Nothing here imports torch or DALI: synthesizing, packing and verifying run on any machine with
 Pillow and numpy.
 """
 

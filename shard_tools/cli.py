@@ -1,4 +1,4 @@
-"""`kvasir-shard`: synth | build | verify | download | eda. Argparse feeding the dataclasses."""
+"""`kvasir-shard`: synth | build | verify | download. Argparse feeding the dataclasses."""
 
 from __future__ import annotations
 
@@ -75,14 +75,6 @@ def _download(a: argparse.Namespace) -> int:
     return 0
 
 
-def _eda(a: argparse.Namespace) -> int:
-    from .eda import eda
-
-    report = eda(a.src, a.out, workers=a.workers)
-    print(f"wrote {a.out}/eda.md, eda.json and {len(report['pictures'])} pictures")
-    return 0
-
-
 def parser() -> argparse.ArgumentParser:
     """The command line; each subcommand's help says what it writes."""
     from .build import BuildSpec
@@ -126,11 +118,6 @@ def parser() -> argparse.ArgumentParser:
     dl.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server")
     dl.set_defaults(fn=_download)
 
-    e = sub.add_parser("eda", help="statistics and pictures of a Kvasir-layout folder or zip")
-    e.add_argument("src")
-    e.add_argument("--out", required=True)
-    e.add_argument("--workers", type=int, default=0)
-    e.set_defaults(fn=_eda)
     return p
 
 
