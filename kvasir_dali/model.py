@@ -65,14 +65,3 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             (decay if p.ndim >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
-
-
-def data_config(name: str) -> dict:
-    """timm's preprocessing constants for `name` (mean, std, interpolation...)."""
-    return dict(timm.models.get_pretrained_cfg(name).to_dict())
-
-
-def load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """Load a plain state dict strictly; return the model."""
-    model.load_state_dict(state, strict=True)
-    return model

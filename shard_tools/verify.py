@@ -79,8 +79,3 @@ def verify(out: str | Path) -> list[str]:
         errors.append(f"{mpath}: {packed} packed + {len(manifest['rejected'])} rejected != "
                       f"{manifest['source_files']} source files")
     return errors
-
-
-def load_manifest(out: str | Path) -> dict:
-    """The manifest of a shards folder."""
-    return json.loads((Path(out) / "manifest.json").read_text())
