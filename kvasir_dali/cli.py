@@ -102,11 +102,13 @@ def main(args: list[str] | None = None) -> None:
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
                        "init_args": {"save_dir": "runs", "name": "kvasir"}},
             "callbacks": [
-                # Saved at the end of the training epoch (after its validation), so that a
-                # resume starts with the next epoch instead of repeating this one.
-                ModelCheckpoint(monitor="val/f1_macro", mode="max", save_last=True,
-                                save_on_train_epoch_end=True,
+                # The best by validation macro F1 (first: trainer.checkpoint_callback is this).
+                ModelCheckpoint(monitor="val/f1_macro", mode="max",
                                 filename="best-epoch{epoch:02d}", auto_insert_metric_name=False),
+                # last.ckpt after every epoch. Not `save_last=True` above: Lightning 2.6 writes
+                # that copy only in epochs whose metric improved, so a resume repeated epochs.
+                ModelCheckpoint(monitor=None, save_top_k=1, filename="last",
+                                enable_version_counter=False),
                 LearningRateMonitor(logging_interval="epoch"),
                 Throughput(),
             ],

@@ -96,8 +96,6 @@ def test_checkpoint_loads_weights_only(fitted):
     assert any(k.startswith("model.") for k in ckpt["state_dict"])
 
 
-@pytest.mark.xfail(strict=True, reason="known defect: resuming an end-of-epoch checkpoint under "
-                   "Lightning 2.6 trains the checkpoint's last epoch once more (see issue 4 note)")
 def test_resume_from_last_continues_to_the_requested_epochs(fitted, shards):
     cwd = fitted.parent.parent.parent
     train(["fit", "--config", SMOKE, "--data.shards", str(shards), "--trainer.max_epochs", "3",
