@@ -86,7 +86,7 @@ class KvasirDataModule(L.LightningDataModule):
         if device not in ("auto", "gpu", "cpu"):
             raise ValueError(f"device must be 'auto', 'gpu' or 'cpu', not {device!r}")
         self.shard_set = ShardSet.open(shards)  # reads JSON only: no CUDA before the trainer
-        self.shards, self.batch_size, self.image_size = shards, batch_size, image_size
+        self.batch_size, self.image_size = batch_size, image_size
         self.device, self.num_threads, self.seed = device, num_threads, seed
         self.model_name, self.channels_last = model_name, channels_last
         self.augment = augment or Augment()

@@ -86,8 +86,7 @@ class KvasirClassifier(L.LightningModule):
         self.forward_model = torch.compile(self.model) if compile else self.model
         self.val_metrics = eval_metrics(num_classes).clone(prefix="val/")
         self.test_metrics = eval_metrics(num_classes).clone(prefix="test/")
-        self.val_classes = class_metrics(num_classes)
-        self.test_classes = class_metrics(num_classes)
+        self.test_classes = class_metrics(num_classes)  # per class: reported for the test only
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self._nonfinite = 0
         self.test_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -140,28 +139,28 @@ class KvasirClassifier(L.LightningModule):
         model = self.ema.module if self.ema is not None else self.forward_model
         return model(x)
 
-    def _eval_step(self, batch, metrics, classes, loss_metric):
+    def _eval_step(self, batch, metrics, loss_metric, classes=None):
         x, y = batch[0], batch[1]
         logits = self._eval_logits(x).float()
         loss = F.cross_entropy(logits, y)  # plain CE (no smoothing): comparable to the reference
         probs = logits.softmax(-1)
         metrics.update(probs, y)
-        classes.update(probs, y)
+        if classes is not None:
+            classes.update(probs, y)
         loss_metric.update(loss, weight=len(y))
         return probs
 
     def validation_step(self, batch, batch_idx):
-        self._eval_step(batch, self.val_metrics, self.val_classes, self.val_loss)
+        self._eval_step(batch, self.val_metrics, self.val_loss)
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute(), prog_bar=True)
         self.log("val/loss", self.val_loss.compute(), prog_bar=True)
         self.val_metrics.reset()
-        self.val_classes.reset()
         self.val_loss.reset()
 
     def test_step(self, batch, batch_idx):
-        probs = self._eval_step(batch, self.test_metrics, self.test_classes, self.test_loss)
+        probs = self._eval_step(batch, self.test_metrics, self.test_loss, self.test_classes)
         self.test_outputs.append((batch[2].detach().cpu(), batch[1].detach().cpu(),
                                   probs.detach().cpu()))
 

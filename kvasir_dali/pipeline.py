@@ -3,8 +3,8 @@
 Reader -> decode (`mixed` on the GPU, hardware JPEG decoder where present; `cpu` otherwise)
 -> [train: random-resized-crop decode, resize, dihedral flips + rotation, colour jitter]
 -> resize to `image_size` -> normalize. Output images (N, 3, S, S) (or (N, S, S, 3) for
-channels-last) float16/float32, labels (N, 1) int64, on the pipeline's device. Knows DALI,
-not torch.
+channels-last) float16/float32, and (N, 2) int64 holding each sample's label and key
+number, on the pipeline's device. Knows DALI, not torch.
 """
 
 from __future__ import annotations

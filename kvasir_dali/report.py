@@ -78,7 +78,8 @@ def confusion_png(path: Path, cm: np.ndarray, classes: list[str], per_class: dic
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     fig, axes = plt.subplots(1, 3, figsize=(6 + 2 * 0.9 * n, 0.75 * n + 2.5),
                              gridspec_kw={"width_ratios": [1, 1, 0.45]})
-    for ax, data, name, fmt in ((axes[0], cm, "counts", "d"), (axes[1], norm, "recall (row-normalized)", ".2f")):
+    panels = ((axes[0], cm, "counts", "d"), (axes[1], norm, "recall (row-normalized)", ".2f"))
+    for ax, data, name, fmt in panels:
         ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
         for i in range(n):
             for j in range(n):

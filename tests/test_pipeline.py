@@ -120,12 +120,23 @@ def test_channels_last_output_matches_nchw(shards):
 
 
 def test_augmentations_without_randomness_reduce_to_the_eval_graph(shards):
+    """Full-frame crop, no flips, rotation or jitter: the training graph equals evaluation
+    for frames of the crop's aspect ratio (1.25: 720x576, 1280x1024)."""
+    rows = rows_by_key(shards)
     still = Augment(scale=(1.0, 1.0), ratio=(1.25, 1.25), hflip=False, vflip=False,
                     transpose=False, rotate=0, jitter_p=0)
-    spec = spec_for(shards, "val", train=True, augment=still, shuffle_buffer=1)
-    train_like = next(iter(DaliLoader(spec)))[0]
-    assert train_like.shape == (4, 3, 64, 64)
-    assert float(train_like.std()) > 0.2
+    n = ShardSet.open(shards).count("val")
+    evaluated, labels, keys = next(iter(DaliLoader(spec_for(shards, "val", batch_size=n))))
+    trained, train_labels = next(iter(DaliLoader(spec_for(
+        shards, "val", batch_size=n, train=True, augment=still, shuffle_buffer=1))))
+    assert torch.equal(train_labels, labels)  # a buffer of one keeps the stored order
+    full = [i for i, k in enumerate(keys.tolist())
+            if int(rows[k]["width"]) * 4 == int(rows[k]["height"]) * 5]
+    assert len(full) >= n // 2
+    for i in full:
+        assert (trained[i] - evaluated[i]).abs().max() < 1e-4, rows[int(keys[i])]["source"]
+    other = [i for i in range(n) if i not in full]
+    assert all((trained[i] - evaluated[i]).abs().mean() > 0.01 for i in other)  # cropped
 
 
 class Probe(L.LightningModule):
