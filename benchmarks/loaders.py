@@ -4,6 +4,8 @@
 - torch-pil: a PyTorch DataLoader over the original JPEG folder, PIL decode + albumentations
              (how the reference write-up loaded its data; the baseline for every ratio)
 - wds-pil:   the webdataset library over the same shards, same PIL + albumentations work
+- torch-nvjpeg: a DataLoader reading the JPEG folder's bytes, torchvision's batched nvJPEG
+             decode on the GPU and torchvision v2 augmentations there (the GPU peer of dali-gpu)
 """
 
 from __future__ import annotations
@@ -54,6 +56,60 @@ class JpegFolder(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         path, label = self.items[i]
         return _to_tensor(Image.open(path), self.tf), label
+
+
+class JpegBytes(JpegFolder):
+    """The same files as JpegFolder, undecoded: (bytes, label). Plain bytes, not tensors:
+    workers would pass every small tensor as a file descriptor."""
+
+    def __getitem__(self, i: int):
+        path, label = self.items[i]
+        return path.read_bytes(), label
+
+
+class NvjpegLoader:
+    """Batches decoded by torchvision.io.decode_jpeg on `device`, augmented there per image."""
+
+    def __init__(self, shards: Path, batch: int, size: int, workers: int, model: str,
+                 device: str = "cuda", aug: Augment = Augment()) -> None:
+        from torchvision.transforms import v2
+
+        mean, std = model_norm(model)
+        ds = JpegBytes(shards, size, mean, std)
+        self.dl = torch.utils.data.DataLoader(
+            ds, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
+            persistent_workers=workers > 0, collate_fn=lambda b: ([x for x, _ in b],
+                                                                  torch.tensor([y for _, y in b])))
+        self.device = torch.device(device)
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+        self.tf = v2.Compose([
+            v2.RandomResizedCrop(size, scale=aug.scale, ratio=aug.ratio, antialias=True),
+            v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(),
+            v2.RandomApply([v2.Lambda(lambda x: x.transpose(-1, -2))], p=0.5),
+            v2.RandomApply([v2.RandomRotation(aug.rotate)], p=aug.rotate_p),
+            v2.RandomApply([v2.ColorJitter(aug.brightness, aug.contrast, aug.saturation,
+                                           aug.hue / 360)], p=aug.jitter_p),
+        ])
+        self.half = self.device.type == "cuda"
+
+    def __len__(self) -> int:
+        return len(self.dl)
+
+    def __iter__(self):
+        from torchvision.io import decode_jpeg
+
+        for data, labels in self.dl:
+            data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in data]
+            images = decode_jpeg(data, device=self.device)  # list of (3, H, W) uint8
+            x = torch.stack([self.tf(im) for im in images]).float().div_(255)
+            x = (x - self.mean) / self.std
+            yield (x.half() if self.half else x), labels.to(self.device, non_blocking=True)
+
+
+def torch_nvjpeg(shards: Path, batch: int, size: int, workers: int, model: str,
+                 device: str = "cuda") -> NvjpegLoader:
+    return NvjpegLoader(shards, batch, size, workers, model, device)
 
 
 def torch_pil(shards: Path, batch: int, size: int, workers: int, model: str):

@@ -44,6 +44,8 @@ class BenchSpec:
     repeats: int = 3
     workers: int = 0  # threads/workers per loader (0: all cores)
     scaling: bool = True
+    inference: bool = True  # forward-only: unfused vs reparameterized, ONNX Runtime
+    max_side: int = 0  # >0: also dali-cpu on shards packed with --max-side this
     quick: bool = False
     out: str = str(RESULTS)
 
@@ -115,7 +117,6 @@ def time_loader(make, spec: BenchSpec, step=None) -> dict:
     out = _stats(rates) | {"cpu_s_per_1000": float(np.median(cpu)), "peak_rss_mb": peak / 2**20}
     if step:
         out["data_wait_share"] = float(np.median(waits))
-    del it, loader
     return out
 
 
@@ -142,6 +143,44 @@ def time_model(spec: BenchSpec, device: torch.device) -> dict:
     x = torch.randn(spec.batch_size, 3, spec.image_size, spec.image_size, device=device)
     y = torch.randint(0, 8, (spec.batch_size,), device=device)
     return time_loader(lambda: itertools.repeat((x, y)), spec, step)  # batch already on device
+
+
+def time_inference(spec: BenchSpec, device: torch.device) -> dict:
+    """Forward-only images/sec: unfused vs reparameterized FastViT, and ONNX Runtime (CPU)."""
+    import timm
+    from timm.utils import reparameterize_model
+
+    from kvasir_dali.export import export
+    from kvasir_dali.inference import Preprocess
+
+    plain = timm.create_model(spec.model, num_classes=8).eval()
+    fused = reparameterize_model(plain)
+    x = torch.randn(spec.batch_size, 3, spec.image_size, spec.image_size)
+    y = torch.zeros(spec.batch_size, dtype=torch.long)
+    amp = device.type == "cuda"
+    out = {}
+    for name, model in (("pytorch-unfused", plain), ("pytorch-fused", fused)):
+        m, xd = model.to(device), x.to(device)
+
+        def forward(_batch, m=m, xd=xd):
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                m(xd)
+
+        out[name] = time_loader(lambda: itertools.repeat((x, y)), spec, forward)
+        out[name].pop("data_wait_share", None)
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        pre = Preprocess(spec.model, [str(i) for i in range(8)], spec.image_size, (0.5,) * 3,
+                         (0.5,) * 3)
+        export(fused.cpu(), pre, "onnx", path, x[:2])
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        feed = {sess.get_inputs()[0].name: x.numpy()}
+        out["onnxruntime-cpu-fused"] = time_loader(lambda: itertools.repeat((x, y)), spec,
+                                                   lambda _b: sess.run(None, feed))
+        out["onnxruntime-cpu-fused"].pop("data_wait_share", None)
+    return out
 
 
 def environment() -> dict:
@@ -195,6 +234,14 @@ def make_data(tmp: Path, per_class: int) -> tuple[Path, dict]:
                             "workers": m["_workers"]}
 
 
+def _build_small(shards: Path, out: Path, max_side: int) -> None:
+    """Re-pack the source of `shards` with --max-side (same seed and split)."""
+    from shard_tools.build import BuildSpec, build
+
+    src = json.loads((shards / "manifest.json").read_text())["source"]
+    build(BuildSpec(src=src, out=str(out), max_side=max_side))
+
+
 def run(spec: BenchSpec) -> dict:
     cores = os.cpu_count() or 1
     workers = spec.workers or cores
@@ -215,8 +262,18 @@ def run(spec: BenchSpec) -> dict:
                                                         spec.image_size, w, spec.model)),
             "wds-pil": lambda w: (lambda: L.wds_pil(shards, spec.batch_size, spec.image_size,
                                                     w, spec.model)),
+            "torch-nvjpeg": lambda w: (lambda: L.torch_nvjpeg(shards, spec.batch_size,
+                                                              spec.image_size, w, spec.model)),
         }
-        names = [n for n in spec.loaders if n != "dali-gpu" or device.type == "cuda"]
+        if spec.max_side:  # the same images packed pre-downscaled: the CPU lever, as deployed
+            small = Path(tmp) / f"shards-max{spec.max_side}"
+            _build_small(shards, small, spec.max_side)
+            res["data_max_side"] = data_stats(small)
+            make[f"dali-cpu-max{spec.max_side}"] = lambda w: (
+                lambda: L.dali(small, spec.batch_size, spec.image_size, w, spec.model))
+            spec.loaders = [*spec.loaders, f"dali-cpu-max{spec.max_side}"]
+        gpu_only = ("dali-gpu", "torch-nvjpeg")
+        names = [n for n in spec.loaders if n not in gpu_only or device.type == "cuda"]
         for name in names:
             print(f"loader {name} ...", flush=True)
             res["loader"][name] = time_loader(make[name](workers), spec)
@@ -224,10 +281,13 @@ def run(spec: BenchSpec) -> dict:
         res["model_only"] = time_model(spec, device)
         for name in names:
             if name.startswith("dali") and (name == "dali-gpu") != (device.type == "cuda"):
-                continue
+                continue  # the full step pairs the GPU model with the GPU loader
             print(f"full step {name} ...", flush=True)
             res["full_step"][name] = time_loader(make[name](workers), spec,
                                                  model_step(spec, device))
+        if spec.inference:
+            print("inference ...", flush=True)
+            res["inference"] = time_inference(spec, device)
         if spec.scaling:
             for name in names:
                 res["scaling"][name] = {}
@@ -261,6 +321,9 @@ def table(res: dict) -> str:
         p = res["packing"]
         lines.append(f"\npacking (kvasir-shard build): {p['images_per_s']:.0f} images/s, "
                      f"{p['mb_per_s']:.1f} MB/s on {p['workers']} workers")
+    for name, r in res.get("inference", {}).items():
+        lines.append(f"inference {name}: {r['images_per_s']:.1f} images/s "
+                     f"({r['p10']:.1f}-{r['p90']:.1f}), batch {res['spec']['batch_size']}")
     for name, s in res["scaling"].items():
         lines.append(f"scaling {name}: " + ", ".join(f"{w}: {v:.0f}" for w, v in s.items()))
     return "\n".join(lines)
@@ -291,10 +354,11 @@ def chart(res: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     d = BenchSpec()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", default=None, help="shards folder (default: build a synthetic set)")
     p.add_argument("--loaders", nargs="+", default=None,
-                   choices=["dali-gpu", "dali-cpu", "torch-pil", "wds-pil"])
+                   choices=["dali-gpu", "dali-cpu", "torch-pil", "wds-pil", "torch-nvjpeg"])
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--image-size", type=int, default=d.image_size)
     p.add_argument("--model", default=d.model)
@@ -302,14 +366,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=d.repeats)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--no-scaling", action="store_true")
+    p.add_argument("--no-inference", action="store_true")
+    p.add_argument("--max-side", type=int, default=0,
+                   help="also time dali-cpu on shards re-packed with this --max-side")
     p.add_argument("--quick", action="store_true", help="a run of under two minutes on 2 cores")
     p.add_argument("--out", default=d.out)
     a = p.parse_args(argv)
     gpu = torch.cuda.is_available()
     spec = BenchSpec(shards=a.shards, batch_size=a.batch_size, image_size=a.image_size,
                      model=a.model, batches=a.batches, repeats=a.repeats, workers=a.workers,
-                     scaling=not a.no_scaling, quick=a.quick, out=a.out,
-                     loaders=a.loaders or (["dali-gpu"] if gpu else []) + d.loaders)
+                     scaling=not a.no_scaling, inference=not a.no_inference, quick=a.quick,
+                     out=a.out, max_side=a.max_side,
+                     loaders=a.loaders or (["dali-gpu", "torch-nvjpeg"] if gpu else []) + d.loaders)
     if a.quick:
         spec.batch_size, spec.batches, spec.repeats, spec.warmup = 8, 2, 2, 1
         spec.image_size = min(spec.image_size, 224)

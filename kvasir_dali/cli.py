@@ -3,6 +3,7 @@
     kvasir-train fit --config configs/fastvit_t8.yaml --data.shards DIR
     kvasir-train test --config configs/fastvit_t8.yaml --data.shards DIR --ckpt_path PATH
     kvasir-train fit ... --ckpt_path last      # resume the newest run of this experiment
+    kvasir-train preview --config CONFIG --data.shards DIR --out FILE.png   # augmentation grid
 
 After `fit`, the best checkpoint (validation macro F1) is tested and the run directory gets
 results.json, results.md, predictions.csv and the pictures (see report.py).
@@ -44,6 +45,7 @@ class KvasirCLI(LightningCLI):
         parser.link_arguments("data.classes", "model.class_names", apply_on="instantiate")
         parser.link_arguments("model.model_name", "data.model_name")
         parser.link_arguments("model.channels_last", "data.channels_last")
+        parser.link_arguments("data.image_size", "model.image_size")
 
     def before_instantiate_classes(self) -> None:
         """`--ckpt_path last`: find the newest last.ckpt of this experiment and continue its run."""
@@ -90,9 +92,26 @@ class KvasirCLI(LightningCLI):
         self._report()
 
 
-def main(args: list[str] | None = None) -> None:
-    """Entry point of `kvasir-train`."""
-    KvasirCLI(
+def _preview(args: list[str]) -> None:
+    """`preview`: the experiment's data settings, the CPU graph, no training."""
+    import argparse
+
+    from .preview import preview
+
+    ap = argparse.ArgumentParser(prog="kvasir-train preview", add_help=False)
+    ap.add_argument("--out", default="preview.png")
+    ap.add_argument("--samples", type=int, default=8, help="rows: samples of distinct classes")
+    ap.add_argument("--versions", type=int, default=5, help="augmented versions per sample")
+    own, rest = ap.parse_known_args(args)
+    cli = _cli(rest + ["--trainer.accelerator", "cpu", "--trainer.devices", "1",
+                       "--trainer.precision", "32-true", "--trainer.logger", "false"], run=False)
+    cli.datamodule.device = "cpu"
+    out = preview(cli.datamodule, own.out, own.samples, own.versions)
+    print(f"kvasir-train: wrote {out}")
+
+
+def _cli(args: list[str] | None, run: bool = True) -> KvasirCLI:
+    return KvasirCLI(
         KvasirClassifier, KvasirDataModule,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
@@ -114,7 +133,17 @@ def main(args: list[str] | None = None) -> None:
             ],
         },
         args=args,
+        run=run,
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of `kvasir-train`."""
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["preview"]:
+        _preview(argv[1:])
+    else:
+        _cli(args)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ class DaliLoader:
     def __init__(self, spec: PipeSpec) -> None:
         self.spec = spec
         self.pipe = build_pipeline(spec)
+        self.last_keys: torch.Tensor | None = None  # (N,) sample keys of the latest batch
         policy = LastBatchPolicy.DROP if spec.train else LastBatchPolicy.PARTIAL
         self._it = DALIGenericIterator(self.pipe, ["images", "labels"], reader_name="Reader",
                                        last_batch_policy=policy, auto_reset=True)
@@ -49,9 +50,14 @@ class DaliLoader:
     def __len__(self) -> int:
         return len(self._it)
 
+    def state(self) -> str:
+        """DALI checkpoint of the training pipeline: where the next epoch starts."""
+        return self._it.checkpoints()[0]
+
     def __iter__(self):
         for batch in self._it:
             images, lbl = batch[0]["images"], batch[0]["labels"]  # lbl: (N, 2) label, key
+            self.last_keys = lbl[:, 1]
             if self.spec.channels_last:  # (N, S, S, 3) -> (N, 3, S, S) view, NHWC in memory
                 images = images.permute(0, 3, 1, 2)
             if self.spec.train:
@@ -93,6 +99,7 @@ class KvasirDataModule(L.LightningDataModule):
         self.shuffle_buffer, self.hw_decoder_load = shuffle_buffer, hw_decoder_load
         self.loaders: dict[str, DaliLoader] = {}
         self.picked: str | None = None
+        self._resume: str | None = None  # this rank's DALI checkpoint, from load_state_dict
 
     @property
     def classes(self) -> list[str]:
@@ -149,7 +156,35 @@ class KvasirDataModule(L.LightningDataModule):
                                  f"{world} ranks); lower --data.batch_size")
             spec = replace(base, tars=files.tars, indexes=files.indexes, train=split == "train",
                            shuffle_buffer=self.shuffle_buffer or max(1, -(-files.count // world)))
+            if split == "train":
+                spec = replace(spec, checkpoint=self._resume)
             self.loaders[split] = DaliLoader(spec)
+
+    # -- data position in checkpoints ------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Every rank's training-pipeline position (called on all ranks; rank 0 writes it)."""
+        loader = self.loaders.get("train")
+        if loader is None:
+            return {}
+        states = [loader.state()]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            states = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(states, loader.state())
+        return {"dali_train": states}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume the training pipeline where the checkpoint's epoch ended (Lightning calls
+        this after setup(), so the already built training pipeline is rebuilt)."""
+        states = state.get("dali_train") or []
+        rank, world = self._placement()[:2]
+        if len(states) != world:
+            log.warning("checkpoint holds the data position of %d ranks, this run has %d: the "
+                        "training data order restarts from the seed", len(states), world)
+            return
+        self._resume = states[rank]
+        if "train" in self.loaders:
+            self.loaders["train"] = DaliLoader(replace(self.loaders["train"].spec,
+                                                       checkpoint=self._resume))
 
     def teardown(self, stage: str | None = None) -> None:
         self.loaders.clear()

@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 
 import timm
-import torch
 from torch import nn
 
 

@@ -15,8 +15,12 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import (
-    MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score,
-    MulticlassMatthewsCorrCoef, MulticlassPrecision, MulticlassRecall,
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassMatthewsCorrCoef,
+    MulticlassPrecision,
+    MulticlassRecall,
 )
 
 from .model import create_model, param_groups
@@ -63,6 +67,8 @@ class KvasirClassifier(L.LightningModule):
         channels_last: NHWC memory format for the model (pair with data.channels_last).
         compile: torch.compile the model.
         max_nonfinite: consecutive non-finite losses after which training stops.
+        image_size: the input side the model is trained at (linked from data.image_size); kept
+            in checkpoints for kvasir-predict and kvasir-export.
     """
 
     def __init__(self, model_name: str = "fastvit_t8", num_classes: int = 8,
@@ -71,7 +77,8 @@ class KvasirClassifier(L.LightningModule):
                  min_lr_ratio: float = 0.01, label_smoothing: float = 0.1,
                  drop_path: float = 0.0, ema_decay: float = 0.0,
                  grad_checkpointing: bool = False, channels_last: bool = False,
-                 compile: bool = False, max_nonfinite: int = 20) -> None:
+                 compile: bool = False, max_nonfinite: int = 20,
+                 image_size: int = 384) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.class_names = list(class_names or [str(i) for i in range(num_classes)])

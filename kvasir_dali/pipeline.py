@@ -63,6 +63,12 @@ class PipeSpec:
     shuffle_buffer: int = 4096  # samples held for random_shuffle (train)
     hw_decoder_load: float = 0.65  # share of JPEGs for the hardware decoder (GPU only)
     augment: Augment = field(default_factory=Augment)
+    # Plain image files instead of shards (kvasir-predict): the "labels" output is then each
+    # file's index in this list, (N, 1) int32. Evaluation graph only.
+    files: tuple[str, ...] = ()
+    # DALI checkpoint (reader position, shuffle and RNG state) to resume a training pipeline
+    # from, as saved by DaliLoader.state(); training pipelines always keep checkpointing on.
+    checkpoint: str | None = None
 
 
 def _uniform(lo: float, hi: float):
@@ -97,16 +103,25 @@ def _augment(images, aug: Augment):
     return images, (_coin() if aug.hflip else 0)
 
 
-@pipeline_def(enable_conditionals=True)
-def _graph(spec: PipeSpec):
-    gpu = spec.device == "gpu"
-    jpegs, labels = fn.readers.webdataset(
+def _reader(spec: PipeSpec):
+    """(encoded images, labels) of the shards' split, or of `spec.files`."""
+    if spec.files:
+        return fn.readers.file(files=list(spec.files), labels=list(range(len(spec.files))),
+                               shard_id=spec.shard_id, num_shards=spec.num_shards,
+                               pad_last_batch=True, stick_to_shard=True, name="Reader")
+    return fn.readers.webdataset(
         paths=spec.tars, index_paths=spec.indexes, ext=["jpg", "lbl"],
         dtypes=[types.UINT8, types.INT64], missing_component_behavior="error",
         shard_id=spec.shard_id, num_shards=spec.num_shards, pad_last_batch=True,
         random_shuffle=spec.train, initial_fill=spec.shuffle_buffer,
         stick_to_shard=not spec.train,  # eval: each rank always reads its own fixed share
         name="Reader")
+
+
+@pipeline_def(enable_conditionals=True)
+def _graph(spec: PipeSpec):
+    gpu = spec.device == "gpu"
+    jpegs, labels = _reader(spec)
     decoder = {"device": "mixed" if gpu else "cpu", "output_type": types.RGB}
     if gpu:  # sizes up to Kvasir's 1920x1072; the hint avoids reallocations while warming up
         decoder |= {"hw_decoder_load": spec.hw_decoder_load,
@@ -134,8 +149,9 @@ def _graph(spec: PipeSpec):
 
 def build_pipeline(spec: PipeSpec):
     """A built DALI pipeline for `spec` (CPU graph when spec.device == 'cpu')."""
+    resume = {"enable_checkpointing": True, "checkpoint": spec.checkpoint} if spec.train else {}
     pipe = _graph(spec, batch_size=spec.batch_size, num_threads=spec.num_threads,
                   device_id=spec.device_id if spec.device == "gpu" else None,
-                  seed=spec.seed, prefetch_queue_depth=2)
+                  seed=spec.seed, prefetch_queue_depth=2, **resume)
     pipe.build()
     return pipe

@@ -35,7 +35,9 @@ def write_results(run_dir: Path, results: dict, classes: list[str], model: str,
     _predictions_csv(run_dir / "predictions.csv", classes, keys, labels, probs)
     (run_dir / "results.md").write_text(results_markdown(out))
     confusion_png(run_dir / "confusion_matrix.png", pc["confusion"].numpy(), classes,
-                  per_class, f"{model}, {split} split ({len(labels)} images)")
+                  per_class, f"{model}, {split} split ({len(labels)} images): accuracy "
+                  f"{100 * out['accuracy']:.2f}%, macro F1 {out['f1_macro']:.4f}, "
+                  f"MCC {out['mcc']:.4f}")
     if (run_dir / "metrics.csv").exists():
         curves_png(run_dir / "curves.png", run_dir)
     return out
@@ -76,7 +78,8 @@ def confusion_png(path: Path, cm: np.ndarray, classes: list[str], per_class: dic
     """Counts and row-normalized confusion matrices side by side, plus per-class F1."""
     n = len(classes)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    fig, axes = plt.subplots(1, 3, figsize=(6 + 2 * 0.9 * n, 0.75 * n + 2.5),
+    side = 0.5 * n + 0.6  # inches per matrix panel
+    fig, axes = plt.subplots(1, 3, figsize=(2 * side + 4.2, side + 2.4), layout="constrained",
                              gridspec_kw={"width_ratios": [1, 1, 0.45]})
     panels = ((axes[0], cm, "counts", "d"), (axes[1], norm, "recall (row-normalized)", ".2f"))
     for ax, data, name, fmt in panels:
@@ -93,16 +96,16 @@ def confusion_png(path: Path, cm: np.ndarray, classes: list[str], per_class: dic
         ax.set_title(name, fontsize=10)
     axes[0].set_ylabel("true")
     f1 = [per_class[c]["f1"] for c in classes]
-    axes[2].barh(range(n), f1, color="tab:blue")
+    axes[2].barh(range(n), f1, height=0.8, color="tab:blue")
     axes[2].set_yticks(range(n), [""] * n)
     axes[2].set_xlim(0, 1)
-    axes[2].invert_yaxis()
+    axes[2].set_ylim(n - 0.5, -0.5)  # rows line up with the matrices' rows
+    axes[2].set_box_aspect(1 / 0.45)
     for i, v in enumerate(f1):
         axes[2].text(min(v, 0.98), i, f"{v:.2f}", va="center", ha="right", fontsize=8,
                      color="white")
     axes[2].set_title("F1 per class", fontsize=10)
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 

@@ -24,13 +24,11 @@ import struct
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
-from multiprocessing import get_context
 from pathlib import Path
-
-from tqdm import tqdm
 
 from . import FORMAT_VERSION, __version__
 from .imagecheck import Verdict, convert, inspect
+from .parallel import pool_map, worker_source
 from .source import Source, open_source
 from .split import Item, assign_splits, duplicate_groups
 from .tario import format_index, write_tar
@@ -71,42 +69,18 @@ class Record:
     reject: str = ""
 
 
-# ---- worker side: the source is installed once per process, not pickled per task --------
-_SOURCE: Source | None = None
-
-
-def _init_worker(source: Source) -> None:
-    global _SOURCE
-    _SOURCE = source
-
-
+# ---- worker side (see parallel.py) -------------------------------------------------------
 def _inspect_job(job: tuple[str, int]) -> Verdict:
     rel, max_side = job
-    return inspect(_SOURCE.read(rel), max_side)
+    return inspect(worker_source().read(rel), max_side)
 
 
 def _pack_job(job: tuple[str, bool, int]) -> tuple[bytes, int, int]:
     rel, needs_convert, max_side = job
-    data = _SOURCE.read(rel)
+    data = worker_source().read(rel)
     if not needs_convert:
         return data, 0, 0
     return convert(data, max_side)
-
-
-def _pool_map(fn, jobs: list, source: Source, workers: int, desc: str):
-    """Ordered parallel map with a progress bar; inline when one worker is asked for."""
-    bar = tqdm(total=len(jobs), desc=desc, unit="img", dynamic_ncols=True, leave=False)
-    if workers <= 1:
-        _init_worker(source)
-        for job in jobs:
-            yield fn(job)
-            bar.update()
-    else:
-        with get_context("fork").Pool(workers, _init_worker, (source,)) as pool:
-            for res in pool.imap(fn, jobs, chunksize=4):
-                yield res
-                bar.update()
-    bar.close()
 
 
 # ---- the build ----------------------------------------------------------------------------
@@ -116,7 +90,7 @@ def _scan(source: Source, spec: BuildSpec, workers: int) -> list[Record]:
     for r in records:
         if r.cls is None:
             r.reject = "not inside a class folder"
-    verdicts = _pool_map(_inspect_job, [(r.rel, spec.max_side) for r in todo], source, workers,
+    verdicts = pool_map(_inspect_job, [(r.rel, spec.max_side) for r in todo], source, workers,
                          "decode+check")
     for r, v in zip(todo, verdicts):
         r.verdict = v
@@ -149,7 +123,7 @@ def _write_split(
                        "bytes": tar_path.stat().st_size, "sha256": digest})
         current, size = [], 0
 
-    packed = _pool_map(_pack_job, jobs, source, workers, f"pack {split}")
+    packed = pool_map(_pack_job, jobs, source, workers, f"pack {split}")
     for r, (data, pw, ph) in zip(recs, packed):
         v = r.verdict
         label = labels[r.cls]

@@ -1,4 +1,4 @@
-"""`kvasir-shard`: synth | build | verify | download. Argparse feeding the dataclasses."""
+"""`kvasir-shard`: synth | build | verify | eda | download. Argparse feeding the dataclasses."""
 
 from __future__ import annotations
 
@@ -63,6 +63,21 @@ def _verify(a: argparse.Namespace) -> int:
     return 0
 
 
+def _eda(a: argparse.Namespace) -> int:
+    from .eda import eda
+
+    try:
+        e = eda(a.src, a.out, a.workers)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"kvasir-shard eda: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{e['images']} images in {len(e['classes'])} classes, "
+          f"{len(e['resolutions'])} resolutions, {len(e['would_reject'])} would be rejected")
+    print(f"  mean {e['mean']}, std {e['std']} (RGB, [0, 1])")
+    print(f"wrote eda.json, eda.md, grid.png, resolutions.png, colours.png to {a.out}")
+    return 0
+
+
 def _download(a: argparse.Namespace) -> int:
     from .download import DownloadError, download
 
@@ -109,6 +124,12 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="re-read every shard and check it against the manifest")
     v.add_argument("out")
     v.set_defaults(fn=_verify)
+
+    e = sub.add_parser("eda", help="statistics and pictures of SRC (folder or zip) before packing")
+    e.add_argument("src")
+    e.add_argument("--out", required=True, help="folder for eda.json, eda.md and the PNGs")
+    e.add_argument("--workers", type=int, default=0, help="processes (0: all cores)")
+    e.set_defaults(fn=_eda)
 
     dl = sub.add_parser("download", help="download and unpack the Kvasir v2 zip")
     dl.add_argument("dir", nargs="?", default="data")

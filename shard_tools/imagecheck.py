@@ -99,6 +99,10 @@ def inspect(data: bytes, max_side: int = 0) -> Verdict:
                 return v
             img.load()  # the full decode: raises on truncated or corrupt data
             shown = ImageOps.exif_transpose(img)
+    except Image.UnidentifiedImageError:
+        # PIL's message names a BytesIO's memory address: no use, and not reproducible.
+        v.error = "does not decode as an image: not a recognised image format"
+        return v
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a rejection reason
         v.error = f"does not decode as an image: {type(exc).__name__}: {exc}"
         return v

@@ -24,6 +24,8 @@ def test_quick_benchmark_writes_complete_results(shards, tmp_path):
                 assert r[k] > 0, (mode, name, k)
             assert r["p10"] <= r["images_per_s"] <= r["p90"]
     assert res["model_only"]["images_per_s"] > 0
+    assert set(res["inference"]) == {"pytorch-unfused", "pytorch-fused", "onnxruntime-cpu-fused"}
+    assert all(r["images_per_s"] > 0 for r in res["inference"].values())
     assert all(0 <= r["data_wait_share"] <= 1 for r in res["full_step"].values())
     env = res["environment"]
     assert env["cores"] >= 1 and env["torch"] and env["dali"] and env["timm"]

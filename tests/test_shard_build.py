@@ -22,7 +22,6 @@ from PIL import Image
 from shard_tools.build import BuildError, BuildSpec, build
 from shard_tools.split import Item, assign_splits, split_counts
 from shard_tools.verify import verify
-from tests.conftest import jpeg_bytes
 
 
 def read_samples(root: Path) -> list[dict]:
@@ -144,57 +143,6 @@ def test_zip_source_packs_the_same_samples_as_the_folder(synth_dir, shards, tmp_
     build(BuildSpec(src=str(zpath), out=str(out), shard_bytes=1_500_000, workers=2,
                     val_fraction=0.25, test_fraction=0.25))
     assert (out / "samples.csv").read_bytes() == (shards / "samples.csv").read_bytes()
-
-
-def _exif_rotated() -> bytes:
-    img = Image.new("RGB", (120, 60), (200, 80, 70))
-    img.paste((20, 20, 200), (0, 0, 30, 60))
-    exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", exif=exif.tobytes())
-    return buf.getvalue()
-
-
-def _absurd_size() -> bytes:
-    data = bytearray(jpeg_bytes())
-    sof = data.index(b"\xff\xc0")
-    data[sof + 5 : sof + 9] = struct.pack(">HH", 60000, 60000)  # height, width
-    return bytes(data)
-
-
-@pytest.fixture
-def hostile(tmp_path) -> Path:
-    root = tmp_path / "hostile"
-    a, b = root / "alpha", root / "beta gamma"
-    a.mkdir(parents=True)
-    b.mkdir()
-    good = jpeg_bytes(color=(190, 70, 60))
-    (a / "plain.jpg").write_bytes(good)
-    (a / "copy of plain.JPG").write_bytes(good)  # exact duplicate, odd name
-    (a / "x.y.z.jpeg").write_bytes(jpeg_bytes(color=(30, 160, 40)))
-    (a / "ünïcode.jpg").write_bytes(jpeg_bytes(color=(20, 30, 200)))
-    (a / "progressive.jpg").write_bytes(jpeg_bytes(color=(120, 120, 20), progressive=True))
-    cmyk = io.BytesIO()
-    Image.new("CMYK", (64, 64), (0, 120, 120, 0)).save(cmyk, "JPEG")
-    (b / "cmyk.jpg").write_bytes(cmyk.getvalue())
-    gray = io.BytesIO()
-    Image.new("L", (64, 48), 90).save(gray, "JPEG")
-    (b / "gray.jpg").write_bytes(gray.getvalue())
-    png = io.BytesIO()
-    Image.new("RGBA", (50, 40), (10, 200, 10, 128)).save(png, "PNG")
-    (b / "really_png.jpg").write_bytes(png.getvalue())
-    (b / "rotated.jpg").write_bytes(_exif_rotated())
-    (b / "truncated.jpg").write_bytes(jpeg_bytes()[:300])
-    (b / "empty.jpg").write_bytes(b"")
-    (b / "random.jpg").write_bytes(bytes(range(256)) * 20)
-    (b / "notes.txt").write_text("not an image")
-    (b / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
-    (b / "absurd.jpg").write_bytes(_absurd_size())
-    (b / "sub").mkdir()
-    (b / "sub" / "nested.jpg").write_bytes(jpeg_bytes(color=(90, 10, 140)))
-    (root / "README.txt").write_text("loose file at the root")
-    return root
 
 
 def test_hostile_folder_is_fully_accounted_for(hostile, tmp_path):

@@ -6,7 +6,6 @@ import csv
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,29 +17,7 @@ import torch
 from kvasir_dali.model import WeightsError, create_model
 from kvasir_dali.module import KvasirClassifier
 from kvasir_dali.report import read_metrics
-
-ROOT = Path(__file__).resolve().parent.parent
-SMOKE = str(ROOT / "configs" / "cpu_smoke.yaml")
-TRAIN = str(Path(sys.executable).parent / "kvasir-train")
-FAST = ["--data.image_size", "48", "--data.batch_size", "16", "--trainer.enable_progress_bar",
-        "false", "--trainer.log_every_n_steps", "1"]
-
-
-def train(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    res = subprocess.run([TRAIN, *args], cwd=cwd, capture_output=True, text=True, env=env)
-    if check and res.returncode:
-        raise AssertionError(f"kvasir-train failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
-    return res
-
-
-@pytest.fixture(scope="module")
-def fitted(shards, tmp_path_factory) -> Path:
-    """One short fit (which then tests the best checkpoint) through the real CLI."""
-    cwd = tmp_path_factory.mktemp("fit")
-    train(["fit", "--config", SMOKE, "--data.shards", str(shards), "--trainer.max_epochs", "2",
-           *FAST], cwd)
-    return cwd / "runs" / "cpu_smoke" / "version_0"
+from tests.helpers import BIN, FAST, ROOT, SMOKE, train
 
 
 def recompute(pred_csv: Path, classes: list[str]) -> dict:
@@ -85,7 +62,8 @@ def test_fit_then_test_writes_results_that_predictions_csv_reproduces(fitted, sh
                  "curves.png", "checkpoints/last.ckpt"):
         assert (fitted / name).is_file(), name
     assert list((fitted / "checkpoints").glob("best-*.ckpt"))
-    assert "| Model | Accuracy | loss | F1-Score | Top-3 | Top-5 |" in (fitted / "results.md").read_text()
+    table = "| Model | Accuracy | loss | F1-Score | Top-3 | Top-5 |"
+    assert table in (fitted / "results.md").read_text()
     cols = next(csv.reader(open(fitted / "metrics.csv")))
     assert {"train/images_per_sec", "train/data_wait", "val/f1_macro"} <= set(cols)
 
@@ -94,17 +72,6 @@ def test_checkpoint_loads_weights_only(fitted):
     ckpt = torch.load(fitted / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert ckpt["hyper_parameters"]["class_names"][0] == "dyed-lifted-polyps"
     assert any(k.startswith("model.") for k in ckpt["state_dict"])
-
-
-def test_resume_from_last_continues_to_the_requested_epochs(fitted, shards):
-    cwd = fitted.parent.parent.parent
-    train(["fit", "--config", SMOKE, "--data.shards", str(shards), "--trainer.max_epochs", "3",
-           "--ckpt_path", "last", *FAST], cwd)
-    rows = read_metrics(fitted)
-    epochs = sorted(int(r["epoch"]) for r in rows if r.get("val/accuracy"))
-    ckpt = torch.load(fitted / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
-    assert ckpt["epoch"] == 2  # resumed in the same run folder and reached max_epochs
-    assert epochs == [0, 1, 2]  # the resumed run added exactly one epoch
 
 
 def test_typo_in_a_key_is_an_error_naming_it(shards, tmp_path):
@@ -145,6 +112,18 @@ def test_persistent_non_finite_loss_stops_with_a_message():
         module.training_step((x, y), 2)
 
 
+def _same_test_results(a_dir: Path, b_dir: Path) -> None:
+    a = json.loads(next(a_dir.glob("runs/*/*/results.json")).read_text())
+    b = json.loads(next(b_dir.glob("runs/*/*/results.json")).read_text())
+    assert a["num_samples"] == b["num_samples"] == 24
+    for k in ("accuracy", "top3", "top5", "f1_macro", "mcc"):
+        assert a[k] == pytest.approx(b[k], abs=1e-6), k
+    assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
+    pa = list(csv.reader(open(next(a_dir.glob("runs/*/*/predictions.csv")))))
+    pb = list(csv.reader(open(next(b_dir.glob("runs/*/*/predictions.csv")))))
+    assert [r[:3] for r in pa] == [r[:3] for r in pb]  # same samples, labels, predictions
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_give_the_single_process_test_metrics(fitted, shards, tmp_path):
     ckpt = str(fitted / "checkpoints" / "last.ckpt")
@@ -154,15 +133,35 @@ def test_ddp_two_processes_give_the_single_process_test_metrics(fitted, shards, 
     double.mkdir()
     train(common, single)
     train([*common, "--trainer.devices", "2", "--trainer.strategy", "ddp"], double)
-    a = json.loads(next(single.glob("runs/*/*/results.json")).read_text())
-    b = json.loads(next(double.glob("runs/*/*/results.json")).read_text())
-    assert a["num_samples"] == b["num_samples"] == 24
-    for k in ("accuracy", "top3", "top5", "f1_macro", "mcc"):
-        assert a[k] == pytest.approx(b[k], abs=1e-6), k
-    assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
-    pa = list(csv.reader(open(next(single.glob("runs/*/*/predictions.csv")))))
-    pb = list(csv.reader(open(next(double.glob("runs/*/*/predictions.csv")))))
-    assert [r[:3] for r in pa] == [r[:3] for r in pb]  # same samples, labels, predictions
+    _same_test_results(single, double)
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_fit_gives_ranks_disjoint_samples_and_single_process_metrics(shards,
+                                                                                  tmp_path):
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    ddp.mkdir()
+    single.mkdir()
+    record = {"class_path": "tests.helpers.RecordKeys", "init_args": {"out": str(ddp / "keys")}}
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2",
+           str(BIN / "kvasir-train"), "fit", "--config", SMOKE, "--data.shards", str(shards), "--trainer.max_epochs", "2",
+           "--trainer.devices", "2", "--trainer.strategy", "ddp", *FAST,
+           f"--trainer.callbacks+={json.dumps(record)}"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, cwd=ddp, capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-4000:]
+    r0 = json.loads((ddp / "keys" / "rank0.json").read_text())
+    r1 = json.loads((ddp / "keys" / "rank1.json").read_text())
+    train_keys = {int(r["key"]) for r in csv.DictReader(open(shards / "samples.csv"))
+                  if r["split"] == "train"}
+    assert len(r0) == len(r1) == 2  # 48 training samples / 2 ranks / batch 16, drop last: 1 step
+    for e0, e1 in zip(r0, r1):  # per epoch: full batches of training samples, no overlap
+        assert len(e0) == len(e1) == 16 and set(e0) | set(e1) <= train_keys
+        assert not set(e0) & set(e1)
+    best = next((ddp / "runs" / "cpu_smoke" / "version_0" / "checkpoints").glob("best-*.ckpt"))
+    train(["test", "--config", SMOKE, "--data.shards", str(shards), "--ckpt_path", str(best),
+           *FAST], single)
+    _same_test_results(single, ddp)
 
 
 @pytest.mark.gpu
@@ -180,3 +179,32 @@ def test_every_config_resolves(config, shards, tmp_path):
     res = train(["fit", "--config", str(config), "--data.shards", str(shards), "--print_config"],
                 tmp_path)
     assert "model_name: fastvit" in res.stdout and "batch_size:" in res.stdout
+
+
+def test_killed_mid_epoch_and_resumed_trains_exactly_like_an_uninterrupted_run(shards, tmp_path):
+    common = ["fit", "--config", SMOKE, "--data.shards", str(shards), "--trainer.max_epochs",
+              "3", *FAST]
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    straight.mkdir()
+    crashed.mkdir()
+    train(common, straight)
+    kill = {"class_path": "tests.helpers.KillAt", "init_args": {"epoch": 1, "batch": 1}}
+    res = train([*common, f"--trainer.callbacks+={json.dumps(kill)}"], crashed, check=False)
+    assert res.returncode == -9  # SIGKILL in the middle of the second epoch
+    run = crashed / "runs" / "cpu_smoke" / "version_0"
+    first = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert first["epoch"] == 0 and not (run / "results.json").exists()
+    train([*common, "--ckpt_path", "last"], crashed)
+    assert not (crashed / "runs" / "cpu_smoke" / "version_1").exists()  # same run folder
+    a = torch.load(straight / "runs" / "cpu_smoke" / "version_0" / "checkpoints" / "last.ckpt",
+                   weights_only=True, map_location="cpu")
+    b = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert a["epoch"] == b["epoch"] == 2 and a["global_step"] == b["global_step"] == 9
+    # Same optimizer state, schedule position and data order (DALI checkpoint) after the
+    # resume: the weights match the uninterrupted run's. A resume that replayed epoch 0's data
+    # order, or restarted the schedule, would not.
+    for k, v in a["state_dict"].items():
+        assert torch.allclose(v.float(), b["state_dict"][k].float(), atol=1e-5), k
+    assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"]
+    epochs = sorted(int(r["epoch"]) for r in read_metrics(run) if r.get("val/accuracy"))
+    assert epochs == [0, 1, 2] and (run / "results.json").is_file()

@@ -1,0 +1,83 @@
+"""A trained checkpoint as an inference model: weights-only load, FastViT reparameterization.
+
+Shared by `kvasir-predict` and `kvasir-export`. Everything a consumer needs to preprocess an
+image (input size, mean, std) and to name the outputs (class names) travels in `Preprocess`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from timm.utils import reparameterize_model
+from torch import nn
+
+from .data import model_norm
+from .model import create_model
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint cannot be used for inference; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How inputs must look: RGB, resized to (image_size, image_size), (x/255 - mean) / std."""
+
+    model_name: str
+    classes: list[str]
+    image_size: int  # pixels, square
+    mean: tuple[float, float, float]  # of [0, 1] pixels
+    std: tuple[float, float, float]
+
+    def to_json(self) -> str:
+        return json.dumps({"format": "kvasir-dali-model", **asdict(self),
+                           "input": "float32 (N, 3, image_size, image_size), RGB, "
+                                    "(pixel / 255 - mean) / std",
+                           "output": "logits (N, num_classes) in the order of classes"})
+
+
+def load_checkpoint(path: str | Path, image_size: int | None = None,
+                    fuse: bool = True) -> tuple[nn.Module, Preprocess]:
+    """(model in eval mode, preprocessing) from a kvasir-train checkpoint.
+
+    Loaded with `weights_only=True` (no pickled code runs). The EMA weights are used when the
+    run kept them, as `kvasir-train test` does. `fuse` reparameterizes FastViT's train-time
+    branches into single convolutions: the same function, fewer and cheaper layers.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        hp, state = ckpt["hyper_parameters"], ckpt["state_dict"]
+    except Exception as exc:  # noqa: BLE001 - unreadable for any reason: same advice
+        raise CheckpointError(f"{path}: not a kvasir-train checkpoint ({type(exc).__name__}: "
+                              f"{exc})") from exc
+    name, n = hp["model_name"], int(hp["num_classes"])
+    classes = list(hp.get("class_names") or [str(i) for i in range(n)])
+    model = create_model(name, n, pretrained="off")
+    prefix = "ema.module." if any(k.startswith("ema.module.") for k in state) else "model."
+    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not fit {name} with {n} classes (missing "
+                              f"{missing[:3]}, unexpected {unexpected[:3]})")
+    model.eval()
+    if fuse:
+        model = reparameterize_model(model)
+    mean, std = model_norm(name)
+    size = int(image_size or hp.get("image_size") or _run_config_size(path) or 384)
+    return model, Preprocess(name, classes, size, mean, std)
+
+
+def _run_config_size(ckpt: Path) -> int | None:
+    """data.image_size from the run's saved config (checkpoints without the hparam)."""
+    import yaml
+
+    cfg = ckpt.parent.parent / "config.yaml"
+    if not cfg.is_file():
+        return None
+    return (yaml.safe_load(cfg.read_text()) or {}).get("data", {}).get("image_size")
