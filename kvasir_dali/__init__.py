@@ -1,4 +1,4 @@
-"""kvasir_dali: DALI pipelines over kvasir-shard shards, a Lightning DataModule and FastViT training.
+"""kvasir_dali: DALI pipelines over kvasir-shard shards, a DataModule and FastViT training.
 
 Import order matters for DDP by fork (notebooks): nothing here touches CUDA at import time.
 """

@@ -128,7 +128,8 @@ def _write_split(
         v = r.verdict
         label = labels[r.cls]
         key = keys[r.rel]
-        sample = {"cls": str(label).encode(), "jpg": data, "lbl": struct.pack("<qq", label, int(key))}
+        sample = {"cls": str(label).encode(), "jpg": data,
+                  "lbl": struct.pack("<qq", label, int(key))}
         need = len(data) + 3 * 512 + 1024  # member headers and padding
         if current and size + need > spec.shard_bytes:
             flush()

@@ -39,7 +39,8 @@ def fetch(url: str, dest: Path, timeout: float = 10.0) -> Path:
         if exc.code == 416 and have:  # the .part is already whole
             part.rename(dest)
             return dest
-        raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}; {_manual_hint(url, dest)}") from exc
+        raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}; "
+                            f"{_manual_hint(url, dest)}") from exc
     except (urllib.error.URLError, OSError) as exc:
         raise DownloadError(f"cannot reach {url} ({getattr(exc, 'reason', exc)}); "
                             f"{_manual_hint(url, dest)}") from exc
@@ -56,7 +57,8 @@ def fetch(url: str, dest: Path, timeout: float = 10.0) -> Path:
                 fh.write(chunk)
                 bar.update(len(chunk))
     if total is not None and part.stat().st_size != total:
-        raise DownloadError(f"{part}: got {part.stat().st_size} of {total} bytes; run again to resume")
+        raise DownloadError(f"{part}: got {part.stat().st_size} of {total} bytes; "
+                            "run again to resume")
     part.rename(dest)
     return dest
 
@@ -75,7 +77,8 @@ def check_zip(path: Path, sha256: str | None = None) -> None:
         with zipfile.ZipFile(path) as zf:
             bad = zf.testzip()
     except zipfile.BadZipFile as exc:
-        raise DownloadError(f"{path}: not a valid zip ({exc}); delete it and download again") from exc
+        raise DownloadError(f"{path}: not a valid zip ({exc}); "
+                            "delete it and download again") from exc
     if bad:
         raise DownloadError(f"{path}: member {bad} fails its CRC; delete it and download again")
 
@@ -91,7 +94,8 @@ def safe_extract(path: Path, dest: Path) -> None:
                 raise DownloadError(f"{path}: member {info.filename!r} would escape {dest}; "
                                     "refusing to unpack this zip")
             if (info.external_attr >> 16) & 0o170000 == 0o120000:
-                raise DownloadError(f"{path}: member {info.filename!r} is a symbolic link; refusing")
+                raise DownloadError(f"{path}: member {info.filename!r} is a symbolic link; "
+                                    "refusing")
         for info in tqdm(zf.infolist(), desc="unpack", unit="file", leave=False):
             target = dest / info.filename
             if info.is_dir():

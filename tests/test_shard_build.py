@@ -220,7 +220,8 @@ def test_verify_catches_a_flipped_byte(shards, tmp_path):
 def test_verify_catches_an_index_that_disagrees_with_its_tar(shards, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(shards, copy)
-    idx = copy / json.loads((copy / "manifest.json").read_text())["splits"]["test"]["shards"][0]["idx"]
+    manifest = json.loads((copy / "manifest.json").read_text())
+    idx = copy / manifest["splits"]["test"]["shards"][0]["idx"]
     lines = idx.read_text().splitlines()
     f = lines[1].split()
     f[1] = str(int(f[1]) + 512)

@@ -144,7 +144,8 @@ def test_torchrun_ddp_fit_gives_ranks_disjoint_samples_and_single_process_metric
     single.mkdir()
     record = {"class_path": "tests.helpers.RecordKeys", "init_args": {"out": str(ddp / "keys")}}
     cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2",
-           str(BIN / "kvasir-train"), "fit", "--config", SMOKE, "--data.shards", str(shards), "--trainer.max_epochs", "2",
+           str(BIN / "kvasir-train"), "fit", "--config", SMOKE, "--data.shards", str(shards),
+           "--trainer.max_epochs", "2",
            "--trainer.devices", "2", "--trainer.strategy", "ddp", *FAST,
            f"--trainer.callbacks+={json.dumps(record)}"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
