@@ -14,7 +14,6 @@ import csv
 import io
 from pathlib import Path
 
-import albumentations as A
 import numpy as np
 import torch
 from PIL import Image
@@ -24,8 +23,10 @@ from kvasir_dali.pipeline import Augment, PipeSpec
 from kvasir_dali.shards import ShardSet
 
 
-def albumentations_train(size: int, mean, std, aug: Augment = Augment()) -> A.Compose:
+def albumentations_train(size: int, mean, std, aug: Augment = Augment()):
     """The same augmentations as the DALI training graph, in albumentations."""
+    import albumentations as A  # here: a GPU image without it can still time the GPU loaders
+
     return A.Compose([
         A.RandomResizedCrop(size=(size, size), scale=aug.scale, ratio=aug.ratio),
         A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.Transpose(p=0.5),
@@ -36,7 +37,7 @@ def albumentations_train(size: int, mean, std, aug: Augment = Augment()) -> A.Co
     ])
 
 
-def _to_tensor(img: Image.Image, tf: A.Compose) -> torch.Tensor:
+def _to_tensor(img: Image.Image, tf) -> torch.Tensor:
     x = tf(image=np.asarray(img.convert("RGB")))["image"]  # (S, S, 3) float32
     return torch.from_numpy(x.transpose(2, 0, 1).copy())
 

@@ -168,8 +168,11 @@ def time_inference(spec: BenchSpec, device: torch.device) -> dict:
 
         out[name] = time_loader(lambda: itertools.repeat((x, y)), spec, forward)
         out[name].pop("data_wait_share", None)
-    import onnxruntime as ort
-
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        print("onnxruntime not installed: no ONNX Runtime figure", flush=True)
+        return out
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         pre = Preprocess(spec.model, [str(i) for i in range(8)], spec.image_size, (0.5,) * 3,
