@@ -1,7 +1,9 @@
 """`make demo`: the main job end to end on the embedded default.
 
-synthesize a Kvasir-shaped set (or take the real one: --kvasir PATH) -> kvasir-shard build ->
-kvasir-train fit with configs/cpu_smoke.yaml (which tests the best checkpoint) -> results.md.
+synthesize a Kvasir-shaped set (or take the real one: --kvasir PATH) -> kvasir-shard eda
+(OUT/eda/) -> kvasir-shard build -> kvasir-train preview (OUT/preview.png) -> kvasir-train fit
+with configs/cpu_smoke.yaml (which tests the best checkpoint; results.md) -> kvasir-predict on a
+class folder of the source -> kvasir-export to ONNX (OUT/model.onnx).
 """
 
 from __future__ import annotations
@@ -37,14 +39,23 @@ def main(argv: list[str] | None = None) -> int:
         if not (out / "synthetic").exists():
             run([str(bindir / "kvasir-shard"), "synth", src, "--per-class", str(a.per_class)])
     shards = out / "shards"
+    tool = lambda name: str(bindir / name)  # noqa: E731 - this environment's console scripts
+    run([tool("kvasir-shard"), "eda", src, "--out", str(out / "eda")])
     if not (shards / "manifest.json").exists():
-        run([str(bindir / "kvasir-shard"), "build", src, str(shards)])
-    run([str(bindir / "kvasir-shard"), "verify", str(shards)])
+        run([tool("kvasir-shard"), "build", src, str(shards)])
+    run([tool("kvasir-shard"), "verify", str(shards)])
+    run([tool("kvasir-train"), "preview", "--config", a.config, "--data.shards", str(shards),
+         "--out", str(out / "preview.png")])
     # Run inside OUT so that the config's relative `runs/` folder lands in OUT/runs.
     run([str(bindir / "kvasir-train"), "fit", "--config", str(Path(a.config).resolve()),
          "--data.shards", str(shards.resolve()), "--trainer.enable_progress_bar=false", *extra],
         cwd=out)
     runs = sorted(out.glob("runs/*/version_*"), key=lambda d: d.stat().st_mtime)
+    best = next(runs[-1].glob("checkpoints/best-*.ckpt"))
+    folder = next(p for p in sorted(Path(src).iterdir()) if p.is_dir()) if a.kvasir is None \
+        else shards  # a zip has no folder to point at: predict the test split instead
+    run([tool("kvasir-predict"), str(best), str(folder), "--out", str(out / "predictions.csv")])
+    run([tool("kvasir-export"), str(best), "--format", "onnx", "--out", str(out / "model.onnx")])
     print(f"\ndemo finished in {time.time() - t0:.0f} s; run folder {runs[-1]}")
     return 0
 
