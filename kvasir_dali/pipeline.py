@@ -63,8 +63,8 @@ class PipeSpec:
     shuffle_buffer: int = 4096  # samples held for random_shuffle (train)
     hw_decoder_load: float = 0.65  # share of JPEGs for the hardware decoder (GPU only)
     augment: Augment = field(default_factory=Augment)
-    # Plain image files instead of shards (kvasir-predict): the "labels" output is then each
-    # file's index in this list, (N, 1) int32. Evaluation graph only.
+    # Plain image files instead of shards (kvasir-predict, kvasir-train preview): the "labels"
+    # output is then each file's index in this list, (N, 1) int32; no shuffling.
     files: tuple[str, ...] = ()
     # DALI checkpoint (reader position, shuffle and RNG state) to resume a training pipeline
     # from, as saved by DaliLoader.state(); training pipelines always keep checkpointing on.

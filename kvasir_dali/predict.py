@@ -8,8 +8,8 @@ decode gets a row with its error instead, and files the shard builder would have
 (progressive, PNG, CMYK, EXIF-rotated...) are converted the same way, so the model sees what it
 saw in training.
 
-Output columns: path, pred (class index), pred_class, top3 (class names, best first),
-p_<class> for every class, error (empty when predicted).
+Output columns: path, pred (class index), pred_class, p_<class> for every class, top3 (class
+names, best first, ';'-separated), error (empty when predicted).
 """
 
 from __future__ import annotations
@@ -175,15 +175,14 @@ class Predictor:
 def write_csv(path: Path, rows: list[Row], classes: list[str]) -> None:
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
-        w.writerow(["path", "pred", "pred_class", "top3", *[f"p_{c}" for c in classes], "error"])
+        w.writerow(["path", "pred", "pred_class", *[f"p_{c}" for c in classes], "top3", "error"])
         for r in rows:
             if r.probs is None:
-                w.writerow([r.path, "", "", "", *[""] * len(classes), r.error])
+                w.writerow([r.path, "", "", *[""] * len(classes), "", r.error])
                 continue
             order = sorted(range(len(classes)), key=lambda i: -r.probs[i])
-            w.writerow([r.path, order[0], classes[order[0]],
-                        ";".join(classes[i] for i in order[:3]),
-                        *[f"{p:.6f}" for p in r.probs], ""])
+            w.writerow([r.path, order[0], classes[order[0]], *[f"{p:.6f}" for p in r.probs],
+                        ";".join(classes[i] for i in order[:3]), ""])
 
 
 def summary(rows: list[Row], classes: list[str], seconds: float, model_seconds: float) -> str:

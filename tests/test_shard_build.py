@@ -270,7 +270,7 @@ def test_full_or_read_only_disk_gives_a_clear_error(synth_dir, tmp_path, monkeyp
 
 def test_shard_tools_imports_neither_torch_nor_dali():
     code = ("import sys, shard_tools.cli, shard_tools.build, shard_tools.verify, shard_tools.synth,"
-            " shard_tools.download; "
+            " shard_tools.download, shard_tools.eda, shard_tools.eda_plots; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'nvidia', 'lightning')];"
             " assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
