@@ -106,7 +106,7 @@ class Predictor:
         self.torch_device = torch.device("cuda", 0) if gpu else torch.device("cpu")
         model, self.pre = load_checkpoint(ckpt)
         self.model = model.to(self.torch_device)
-        self.images_seen, self.model_seconds = 0, 0.0
+        self.model_seconds = 0.0  # inside the model: for the summary's images/s
 
     @property
     def classes(self) -> list[str]:
@@ -129,7 +129,6 @@ class Predictor:
         with ctx:
             out = self.model(images.to(self.torch_device)).float().softmax(-1).cpu()
         self.model_seconds += time.perf_counter() - start
-        self.images_seen += len(out)
         return out
 
     def files(self, files: list[Path]) -> list[Row]:
