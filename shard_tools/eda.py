@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 
 from .imagecheck import inspect
 from .parallel import pool_map, worker_source
-from .source import open_source
+from .source import Source, open_source
 
 GRID_PER_CLASS = 6
 THUMB = 160  # pixels, longer side of a grid thumbnail
@@ -75,9 +75,8 @@ def _summary(x: list[float]) -> dict:
             "max": float(a.max())} if len(a) else {}
 
 
-def analyse(src: str, workers: int = 0) -> tuple[dict, list[FileStats]]:
-    """eda.json's content and the per-file statistics."""
-    source = open_source(src)
+def analyse(source: Source, workers: int = 0) -> tuple[dict, list[FileStats], dict]:
+    """eda.json's content, the per-file statistics and each class's (3, 256) histogram."""
     files = source.files()
     jobs = [(f.rel, f.cls, f.size) for f in files if f.cls is not None]
     stats = list(pool_map(_stats_job, jobs, source, workers or os.cpu_count() or 1, "eda"))
@@ -85,10 +84,10 @@ def analyse(src: str, workers: int = 0) -> tuple[dict, list[FileStats]]:
     classes = source.classes()
     res = Counter(f"{s.width}x{s.height}" for s in good)
     total = sum((s.hist for s in good), np.zeros((3, 256), np.int64))
-    per_class = {}
+    per_class, hists = {}, {}
     for c in classes:
         mine = [s for s in good if s.cls == c]
-        h = sum((s.hist for s in mine), np.zeros((3, 256), np.int64))
+        h = hists[c] = sum((s.hist for s in mine), np.zeros((3, 256), np.int64))
         m, sd = _mean_std(h) if mine else ([], [])
         per_class[c] = {"images": len(mine), "rejected": sum(1 for s in stats if s.cls == c
                                                               and not s.ok),
@@ -97,13 +96,12 @@ def analyse(src: str, workers: int = 0) -> tuple[dict, list[FileStats]]:
                                             .most_common())}
     mean, std = _mean_std(total) if good else ([], [])
     out = {
-        "source": str(src), "files": len(files), "images": len(good),
+        "source": str(source.origin), "files": len(files), "images": len(good),
         "classes": {c: per_class[c]["images"] for c in classes},
         "resolutions": [{"size": k, "count": n} for k, n in res.most_common()],
         "modes": dict(Counter(s.mode for s in good).most_common()),
         "formats": dict(Counter(s.fmt for s in good).most_common()),
-        "channels": dict(Counter(str(len(s.mode)) if s.mode != "P" else "1 (palette)"
-                                 for s in good)),
+        "channels": dict(Counter(str(Image.getmodebands(s.mode)) for s in good)),
         "file_bytes": _summary([s.size for s in good]),
         "bits_per_pixel": _summary([8 * s.size / (s.width * s.height) for s in good]),
         "mean": mean, "std": std,  # of [0, 1] RGB pixels: usable as normalization constants
@@ -113,7 +111,7 @@ def analyse(src: str, workers: int = 0) -> tuple[dict, list[FileStats]]:
         + [{"path": f.rel, "reason": "not inside a class folder"} for f in files
            if f.cls is None],
     }
-    return out, stats
+    return out, stats, hists
 
 
 def markdown(e: dict) -> str:
@@ -148,16 +146,14 @@ def eda(src: str, out: str | Path, workers: int = 0) -> dict:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    e, stats = analyse(src, workers)
+    source = open_source(src)
+    e, stats, hists = analyse(source, workers)
     (out / "eda.json").write_text(json.dumps(e, indent=2) + "\n")
     (out / "eda.md").write_text(markdown(e))
-    source = open_source(src)
     picks = {c: [s.rel for s in stats if s.ok and s.cls == c][:GRID_PER_CLASS]
              for c in e["classes"]}
     thumbs = {c: [_thumb(source.read(r)) for r in rels] for c, rels in picks.items()}
     eda_plots.grid_png(out / "grid.png", thumbs)
     eda_plots.resolutions_png(out / "resolutions.png", e)
-    hists = {c: sum((s.hist for s in stats if s.ok and s.cls == c), np.zeros((3, 256)))
-             for c in e["classes"]}
     eda_plots.colours_png(out / "colours.png", hists)
     return e
