@@ -158,3 +158,18 @@ def test_predict_names_a_file_that_is_not_a_checkpoint(tmp_path):
     bad.write_bytes(b"garbage")
     res = run_tool("kvasir-predict", [str(bad), str(tmp_path)], check=False)
     assert res.returncode != 0 and f"{bad}: not a kvasir-train checkpoint" in res.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+def test_predict_on_the_gpu_in_fp16_agrees_with_the_cpu(best, shards, tmp_path):
+    rows = {}
+    for device, precision in (("cpu", "32"), ("gpu", "16")):
+        out = tmp_path / f"{device}.csv"
+        run_tool("kvasir-predict", [str(best), str(shards), "--out", str(out), "--device",
+                                    device, "--precision", precision])
+        rows[device] = list(csv.DictReader(open(out)))
+    assert [r["path"] for r in rows["cpu"]] == [r["path"] for r in rows["gpu"]]
+    classes = [k for k in rows["cpu"][0] if k.startswith("p_")]
+    for a, b in zip(rows["cpu"], rows["gpu"]):  # hardware decoder + fp16: close, not equal
+        assert max(abs(float(a[c]) - float(b[c])) for c in classes) < 0.05
