@@ -1,4 +1,5 @@
-"""Running the installed command-line tools from tests, as a user would."""
+"""The installed command-line tools, run from tests as a user would, and the test-only
+Lightning callbacks those runs load by class path (a crash mid-epoch, the keys each rank saw)."""
 
 from __future__ import annotations
 
