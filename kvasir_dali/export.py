@@ -24,7 +24,7 @@ import torch
 
 from shard_tools.imagecheck import inspect
 
-from .inference import CheckpointError, Preprocess
+from .inference import CheckpointError, Preprocess, run_data_config
 from .pipeline import build_pipeline
 from .predict import Options, Predictor, image_files
 from .shards import ShardSet
@@ -60,14 +60,8 @@ def parity_inputs(pred: Predictor, inputs: list[str], n: int = 8) -> torch.Tenso
 
 def default_inputs(ckpt: Path) -> list[str]:
     """The run's own shards (from the config it saved), when they are still there."""
-    import yaml
-
-    cfg = ckpt.parent.parent / "config.yaml"
-    if cfg.is_file():
-        shards = (yaml.safe_load(cfg.read_text()) or {}).get("data", {}).get("shards")
-        if shards and (Path(shards) / "manifest.json").is_file():
-            return [shards]
-    return []
+    shards = run_data_config(ckpt).get("shards")
+    return [shards] if shards and (Path(shards) / "manifest.json").is_file() else []
 
 
 def export(model: torch.nn.Module, pre: Preprocess, fmt: str, out: Path,

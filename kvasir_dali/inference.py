@@ -69,15 +69,17 @@ def load_checkpoint(path: str | Path, image_size: int | None = None,
     if fuse:
         model = reparameterize_model(model)
     mean, std = model_norm(name)
-    size = int(image_size or hp.get("image_size") or _run_config_size(path) or 384)
+    size = int(image_size or hp.get("image_size") or run_data_config(path).get("image_size")
+               or 384)
     return model, Preprocess(name, classes, size, mean, std)
 
 
-def _run_config_size(ckpt: Path) -> int | None:
-    """data.image_size from the run's saved config (checkpoints without the hparam)."""
+def run_data_config(ckpt: Path) -> dict:
+    """The `data` section of the config.yaml that kvasir-train saved in the checkpoint's run
+    folder (run/checkpoints/x.ckpt -> run/config.yaml); empty when there is none."""
     import yaml
 
     cfg = ckpt.parent.parent / "config.yaml"
     if not cfg.is_file():
-        return None
-    return (yaml.safe_load(cfg.read_text()) or {}).get("data", {}).get("image_size")
+        return {}
+    return (yaml.safe_load(cfg.read_text()) or {}).get("data") or {}
