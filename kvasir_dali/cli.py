@@ -1,17 +1,21 @@
 """`kvasir-train`: LightningCLI over KvasirClassifier and KvasirDataModule.
 
     kvasir-train fit --config configs/fastvit_t8.yaml --data.shards DIR
+    kvasir-train fit --config fastvit_t8 --data.shards DIR      # a config shipped in the package
     kvasir-train test --config configs/fastvit_t8.yaml --data.shards DIR --ckpt_path PATH
     kvasir-train fit ... --ckpt_path last      # resume the newest run of this experiment
     kvasir-train preview --config CONFIG --data.shards DIR --out FILE.png   # augmentation grid
 
 After `fit`, the best checkpoint (validation macro F1) is tested and the run directory gets
-results.json, results.md, predictions.csv and the pictures (see report.py).
+results.json, results.md, predictions.csv and the pictures (see report.py). Checkpoints are
+loaded weights-only and only from local files. User errors print one line and exit 2; a failed
+run leaves no empty run folder.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -20,13 +24,43 @@ if not os.environ.get("WANDB_API_KEY"):
     os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException  # noqa: E402
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
+from shard_tools.errors import UserError, run_command  # noqa: E402
+
 from .callbacks import Throughput  # noqa: E402
 from .data import KvasirDataModule  # noqa: E402
+from .inference import read_checkpoint  # noqa: E402
 from .module import KvasirClassifier  # noqa: E402
-from .report import write_results  # noqa: E402
+from .report import RunInfo, write_results  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parent / "configs"  # in an installed wheel
+if not CONFIGS.is_dir():  # a source checkout (editable install): the top-level folder
+    CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def resolve_configs(argv: list[str]) -> list[str]:
+    """`--config NAME` (no such file) -> the shipped configs/NAME.yaml, when there is one."""
+    out = list(argv)
+    for i, a in enumerate(out):
+        value, eq = (out[i + 1], False) if a == "--config" and i + 1 < len(out) else \
+            (a.split("=", 1)[1], True) if a.startswith("--config=") else (None, False)
+        if value is None or Path(value).exists():
+            continue
+        for cand in (CONFIGS / value, CONFIGS / f"{value}.yaml"):
+            if cand.is_file():
+                if eq:
+                    out[i] = f"--config={cand}"
+                else:
+                    out[i + 1] = str(cand)
+                break
+        else:
+            names = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.yaml")))
+            raise UserError(f"--config {value}: no such file, and no shipped config of that "
+                            f"name (shipped: {names})")
+    return out
 
 
 def _logger_dirs(trainer_cfg) -> list:
@@ -38,7 +72,8 @@ def _logger_dirs(trainer_cfg) -> list:
 
 
 class KvasirCLI(LightningCLI):
-    """Links the manifest's classes into the model and writes the report after fit/test."""
+    """Links the manifest's classes into the model, guards checkpoint loading, writes the
+    report after fit/test."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
@@ -47,11 +82,26 @@ class KvasirCLI(LightningCLI):
         parser.link_arguments("model.channels_last", "data.channels_last")
         parser.link_arguments("data.image_size", "model.image_size")
 
-    def before_instantiate_classes(self) -> None:
-        """`--ckpt_path last`: find the newest last.ckpt of this experiment and continue its run."""
-        cfg = self.config.get(self.subcommand)
-        if cfg is None or cfg.get("ckpt_path") != "last":
-            return
+    def _parse_ckpt_path(self) -> None:
+        """Resolve `last`, refuse URLs and unreadable files, load weights-only; then let
+        Lightning read the checkpoint's hyper-parameters."""
+        cfg = self.config.get(self.config.get("subcommand") or "")
+        if cfg is not None and cfg.get("ckpt_path"):
+            if cfg.ckpt_path == "last":
+                self._resume_last(cfg)
+            if "://" in str(cfg.ckpt_path):
+                raise UserError(f"--ckpt_path {cfg.ckpt_path}: kvasir-train loads checkpoints "
+                                "from local files only (a downloaded pickle could run code); "
+                                "download it first and pass the file")
+            read_checkpoint(cfg.ckpt_path)  # weights-only: corrupt, foreign, pickled code
+            if cfg.get("weights_only") is False:
+                raise UserError("--weights_only false is refused: checkpoints load weights-only")
+            if "weights_only" in cfg:
+                cfg.weights_only = True
+        super()._parse_ckpt_path()
+
+    def _resume_last(self, cfg) -> None:
+        """`--ckpt_path last`: the newest last.ckpt of this experiment; continue its run."""
         for lg in _logger_dirs(cfg.trainer):
             root = Path(lg.init_args.save_dir) / lg.init_args.name
             found = sorted(root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
@@ -65,27 +115,61 @@ class KvasirCLI(LightningCLI):
                     (run_dir / "metrics.csv").rename(run_dir / f"metrics.part{n}.csv")
                 print(f"kvasir-train: resuming {found[-1]}", file=sys.stderr)
                 return
-        raise SystemExit("kvasir-train: --ckpt_path last, but no last.ckpt was found under the "
-                         "experiment's run folder; give a checkpoint path instead")
+        raise UserError("--ckpt_path last, but no last.ckpt was found under the experiment's "
+                        "run folder; give a checkpoint path instead")
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            self._remove_empty_run_dir()
+            raise
+
+    def _remove_empty_run_dir(self) -> None:
+        """A run that failed before writing a checkpoint or results leaves no folder behind."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.global_rank != 0 or trainer.logger is None:
+            return
+        run_dir = Path(trainer.log_dir or "")
+        if run_dir.is_dir() and not any(run_dir.rglob("*.ckpt")) \
+                and not (run_dir / "results.json").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
 
     def _report(self) -> None:
         trainer, model = self.trainer, self.model
         run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP
         if trainer.global_rank != 0 or not model.results:
             return
-        rate = next((cb.epoch_rate for cb in trainer.callbacks if isinstance(cb, Throughput)),
-                    None)
-        out = write_results(run_dir, model.results, model.class_names,
-                            model.hparams.model_name, "test", rate)
+        speed = next((cb for cb in trainer.callbacks if isinstance(cb, Throughput)), None)
+        cfg = self.config.get(self.subcommand) or {}
+        info = RunInfo(model=model.hparams.model_name, split="test",
+                       images_per_second=speed.epoch_rate if speed else None,
+                       data_wait=speed.epoch_wait if speed else None,
+                       seed=cfg.get("seed_everything"), fold=self.datamodule.fold,
+                       image_size=self.datamodule.image_size,
+                       pretrained=str(model.hparams.pretrained),
+                       params=sum(p.numel() for p in model.model.parameters()))
+        out = write_results(run_dir, model.results, model.class_names, info,
+                            self.datamodule.shard_set)
         print((run_dir / "results.md").read_text())
         print(f"kvasir-train: results in {run_dir} (accuracy {100 * out['accuracy']:.2f}%)")
+
+    def _best_checkpoint(self) -> str | None:
+        """The best checkpoint's path, found in this run folder when the folder was moved
+        since the checkpoint was recorded (resume of a moved run)."""
+        cb = self.trainer.checkpoint_callback
+        if not cb or not cb.best_model_path:
+            return None
+        best = Path(cb.best_model_path)
+        if not best.is_file() and cb.dirpath:
+            best = Path(cb.dirpath) / best.name
+        return str(best) if best.is_file() else None
 
     def after_fit(self) -> None:
         if self.trainer.interrupted:
             return
-        ckpt = "best" if self.trainer.checkpoint_callback and \
-            self.trainer.checkpoint_callback.best_model_path else None
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+        self.trainer.test(self.model, datamodule=self.datamodule,
+                          ckpt_path=self._best_checkpoint(), weights_only=True)
         self._report()
 
     def after_test(self) -> None:
@@ -137,14 +221,24 @@ def _cli(args: list[str] | None, run: bool = True) -> KvasirCLI:
     )
 
 
-def main(args: list[str] | None = None) -> None:
+def _main(argv: list[str]) -> int:
+    argv = resolve_configs(argv)
+    try:
+        if argv[:1] == ["preview"]:
+            _preview(argv[1:])
+        else:
+            # Through sys.argv, as LightningCLI expects: DDP re-launches the other ranks with it.
+            sys.argv = [sys.argv[0], *argv]
+            _cli(None)
+    except MisconfigurationException as exc:  # Lightning's word for a bad option value
+        raise UserError(str(exc).strip().splitlines()[0]) from exc
+    return 0
+
+
+def main(args: list[str] | None = None) -> int:
     """Entry point of `kvasir-train`."""
-    argv = sys.argv[1:] if args is None else args
-    if argv[:1] == ["preview"]:
-        _preview(argv[1:])
-    else:
-        _cli(args)
+    return run_command("kvasir-train", _main, sys.argv[1:] if args is None else args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

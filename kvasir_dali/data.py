@@ -6,7 +6,8 @@ Validation and test loaders add a third element, the sample keys (N,) int64 (the
 `samples.csv`'s `key` column), so that predictions can be written per sample.
 Training drops the last partial batch; validation and test deliver every sample of the split
 exactly once across ranks (DALI pads each rank's share for equal step counts and the iterator
-drops the padding).
+drops the padding). Before any pipeline is built, every shard the stage reads is checked
+against the manifest (`ShardSet.files`).
 """
 
 from __future__ import annotations
@@ -17,53 +18,21 @@ from dataclasses import replace
 
 import lightning as L
 import torch
-from nvidia.dali.plugin.base_iterator import LastBatchPolicy
-from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from .pipeline import Augment, PipeSpec, build_pipeline
+from shard_tools.errors import UserError
+
+from .loader import DaliLoader
+from .model import preprocessing
+from .pipeline import Augment, PipeSpec
 from .shards import ShardSet
 
 log = logging.getLogger(__name__)
+STAGE_ROLES = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",),
+               "predict": ("test",)}
 
 
-def model_norm(model_name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) of [0, 1] pixels from the model's timm pretrained config."""
-    import timm
-
-    cfg = timm.models.get_pretrained_cfg(model_name)
-    if cfg is None:
-        raise ValueError(f"timm knows no pretrained config for '{model_name}'")
-    return tuple(cfg.mean), tuple(cfg.std)
-
-
-class DaliLoader:
-    """A DALI iterator as a re-iterable of `(images, labels)` with an exact `len()`."""
-
-    def __init__(self, spec: PipeSpec) -> None:
-        self.spec = spec
-        self.pipe = build_pipeline(spec)
-        self.last_keys: torch.Tensor | None = None  # (N,) sample keys of the latest batch
-        policy = LastBatchPolicy.DROP if spec.train else LastBatchPolicy.PARTIAL
-        self._it = DALIGenericIterator(self.pipe, ["images", "labels"], reader_name="Reader",
-                                       last_batch_policy=policy, auto_reset=True)
-
-    def __len__(self) -> int:
-        return len(self._it)
-
-    def state(self) -> str:
-        """DALI checkpoint of the training pipeline: where the next epoch starts."""
-        return self._it.checkpoints()[0]
-
-    def __iter__(self):
-        for batch in self._it:
-            images, lbl = batch[0]["images"], batch[0]["labels"]  # lbl: (N, 2) label, key
-            self.last_keys = lbl[:, 1]
-            if self.spec.channels_last:  # (N, S, S, 3) -> (N, 3, S, S) view, NHWC in memory
-                images = images.permute(0, 3, 1, 2)
-            if self.spec.train:
-                yield images, lbl[:, 0]
-            else:
-                yield images, lbl[:, 0], lbl[:, 1]
+class DataError(UserError):
+    """The data settings cannot work with these shards (e.g. a batch larger than a split)."""
 
 
 class KvasirDataModule(L.LightningDataModule):
@@ -75,31 +44,46 @@ class KvasirDataModule(L.LightningDataModule):
         image_size: side of the square model input, pixels.
         device: "auto" (the trainer's device), "gpu" or "cpu".
         num_threads: DALI CPU threads per rank (default: the cores divided among local ranks).
-        seed: base seed; rank r uses seed + r.
+        seed: base seed (default: the run's `seed_everything`); rank r uses seed + r for
+            augmentation and in-buffer shuffling; the per-epoch shard order uses the base seed.
         model_name: timm model whose pretrained config gives the normalization constants.
         channels_last: deliver NHWC memory layout.
         augment: training augmentation.
-        shuffle_buffer: samples DALI holds for shuffling (default: a rank's whole share).
+        shuffle_buffer: samples DALI holds for shuffling (bounded: memory does not grow with
+            the data; the shards are shuffled when packed and their order every epoch).
         hw_decoder_load: share of JPEGs for the GPU's hardware decoder.
+        fold: with shards built with `--folds K`: validate on this fold, train on the others.
     """
 
     def __init__(self, shards: str, batch_size: int = 64, image_size: int = 384,
-                 device: str = "auto", num_threads: int | None = None, seed: int = 0,
+                 device: str = "auto", num_threads: int | None = None, seed: int | None = None,
                  model_name: str = "fastvit_t8", channels_last: bool = False,
-                 augment: Augment | None = None, shuffle_buffer: int | None = None,
-                 hw_decoder_load: float = 0.65) -> None:
+                 augment: Augment | None = None, shuffle_buffer: int = 2048,
+                 hw_decoder_load: float = 0.65, fold: int | None = None) -> None:
         super().__init__()
-        if device not in ("auto", "gpu", "cpu"):
-            raise ValueError(f"device must be 'auto', 'gpu' or 'cpu', not {device!r}")
+        problems = [msg for bad, msg in (
+            (device not in ("auto", "gpu", "cpu"), f"--data.device {device!r}: give auto, gpu "
+                                                   "or cpu"),
+            (batch_size < 1, f"--data.batch_size {batch_size}: give 1 or more"),
+            (image_size < 16, f"--data.image_size {image_size}: give 16 or more pixels"),
+            (shuffle_buffer < 1, f"--data.shuffle_buffer {shuffle_buffer}: give 1 or more"),
+            (num_threads is not None and num_threads < 1, "--data.num_threads: give 1 or more"),
+            (not 0 <= hw_decoder_load <= 1, "--data.hw_decoder_load: give a share in [0, 1]"),
+        ) if bad]
+        if problems:
+            raise DataError("; ".join(problems))
         self.shard_set = ShardSet.open(shards)  # reads JSON only: no CUDA before the trainer
+        self.shard_set.manifest.roles(fold)  # refuses a fold the shards do not have
         self.batch_size, self.image_size = batch_size, image_size
         self.device, self.num_threads, self.seed = device, num_threads, seed
         self.model_name, self.channels_last = model_name, channels_last
         self.augment = augment or Augment()
         self.shuffle_buffer, self.hw_decoder_load = shuffle_buffer, hw_decoder_load
+        self.fold = fold
         self.loaders: dict[str, DaliLoader] = {}
         self.picked: str | None = None
         self._resume: str | None = None  # this rank's DALI checkpoint, from load_state_dict
+        self._build: tuple[PipeSpec, int, int] | None = None  # (base spec, world, threads)
 
     @property
     def classes(self) -> list[str]:
@@ -120,14 +104,18 @@ class KvasirDataModule(L.LightningDataModule):
         if device == "auto":
             device = "gpu" if on_cuda else "cpu"
         if device == "gpu" and not torch.cuda.is_available():
-            raise RuntimeError("data.device='gpu' but no CUDA GPU is visible; use device='cpu' "
-                               "(or 'auto') to run the same pipeline on the CPU")
+            raise DataError("--data.device gpu, but no CUDA GPU is visible; use --data.device "
+                            "cpu (or auto) to run the same pipeline on the CPU")
         if device == "gpu" and not on_cuda:
-            raise RuntimeError("data.device='gpu' needs the trainer on the GPU "
-                               "(--trainer.accelerator gpu)")
+            raise DataError("--data.device gpu needs the trainer on the GPU "
+                            "(--trainer.accelerator gpu)")
         device_id = t.strategy.root_device.index if device == "gpu" else None
         fp16 = bool(t) and str(t.precision) in ("16-mixed", "16-true", "16")
         return rank, world, local_world, device, device_id, fp16
+
+    def _base_seed(self) -> int:
+        """data.seed, else the run's seed_everything (Lightning exports it), else 0."""
+        return self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     def setup(self, stage: str | None = None) -> None:
         rank, world, local_world, device, device_id, fp16 = self._placement()
@@ -136,29 +124,38 @@ class KvasirDataModule(L.LightningDataModule):
                      f"gpu:{device_id}", rank, world)
         self.picked = device
         threads = self.num_threads or max(1, (os.cpu_count() or 1) // local_world)
-        mean, std = model_norm(self.model_name)
+        norm, seed = preprocessing(self.model_name), self._base_seed()
         base = PipeSpec(tars=[], indexes=[], batch_size=self.batch_size,
-                        image_size=self.image_size, mean=mean, std=std, train=False,
+                        image_size=self.image_size, mean=norm.mean, std=norm.std, train=False,
                         device=device, device_id=device_id, num_threads=threads, shard_id=rank,
-                        num_shards=world, seed=self.seed + rank, fp16=fp16,
+                        num_shards=world, seed=seed + rank, order_seed=seed, fp16=fp16,
                         channels_last=self.channels_last, hw_decoder_load=self.hw_decoder_load,
-                        augment=self.augment)
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",),
-                  "predict": ("test",)}.get(stage or "fit", ("train", "val", "test"))
-        for split in wanted:
-            if split in self.loaders:
-                continue
-            files = self.shard_set.files(split)
-            share = files.count // world
-            if split == "train" and share < self.batch_size:
-                raise ValueError(f"batch size {self.batch_size} is larger than a rank's share of "
-                                 f"the training split ({share} of {files.count} samples over "
-                                 f"{world} ranks); lower --data.batch_size")
-            spec = replace(base, tars=files.tars, indexes=files.indexes, train=split == "train",
-                           shuffle_buffer=self.shuffle_buffer or max(1, -(-files.count // world)))
-            if split == "train":
-                spec = replace(spec, checkpoint=self._resume)
-            self.loaders[split] = DaliLoader(spec)
+                        augment=self.augment, exts=self._exts())
+        self._build = (base, world, threads)
+        for role in STAGE_ROLES.get(stage or "fit", ("train", "val", "test")):
+            self._loader(role)
+
+    def _loader(self, role: str) -> DaliLoader:
+        """The loader of `role`, built on first use (e.g. validation for calibration at test)."""
+        if role not in self.loaders:
+            base, world, threads = self._build
+            self.loaders[role] = DaliLoader(self._spec(base, role, world, threads))
+        return self.loaders[role]
+
+    def _exts(self) -> tuple[str, str]:
+        comp = self.shard_set.manifest.components
+        return (comp.image, comp.label)
+
+    def _spec(self, base: PipeSpec, role: str, world: int, threads: int) -> PipeSpec:
+        files = self.shard_set.files(role, self.fold, threads)  # checked against the manifest
+        share = files.count // world
+        if role == "train" and share < self.batch_size:
+            raise DataError(f"--data.batch_size {self.batch_size} is larger than a rank's share "
+                            f"of the training split ({share} of {files.count} samples over "
+                            f"{world} ranks); lower it")
+        spec = replace(base, tars=files.tars, indexes=files.indexes, train=role == "train",
+                       shuffle_buffer=max(1, min(self.shuffle_buffer, -(-files.count // world))))
+        return replace(spec, checkpoint=self._resume) if role == "train" else spec
 
     # -- data position in checkpoints ------------------------------------------------------
     def state_dict(self) -> dict:
@@ -190,10 +187,17 @@ class KvasirDataModule(L.LightningDataModule):
         self.loaders.clear()
 
     def train_dataloader(self) -> DaliLoader:
-        return self.loaders["train"]
+        return self._loader("train")
 
     def val_dataloader(self) -> DaliLoader:
-        return self.loaders["val"]
+        return self._loader("val")
 
     def test_dataloader(self) -> DaliLoader:
-        return self.loaders["test"]
+        return self._loader("test")
+
+
+def model_norm(model_name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """TEMPORARY shim for benchmarks/loaders.py while it is being edited: use
+    model.preprocessing."""
+    p = preprocessing(model_name)
+    return p.mean, p.std

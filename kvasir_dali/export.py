@@ -22,24 +22,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shard_tools.errors import UserError, run_command
 from shard_tools.imagecheck import inspect
 
-from .inference import CheckpointError, Preprocess, run_data_config
-from .pipeline import build_pipeline
-from .predict import Options, Predictor, image_files
-from .shards import ShardSet
+from .inference import Preprocess, run_data_config
+from .predictor import Options, Predictor, gather
 
 RTOL = 1e-3  # relative to the logits' scale; fp32 exports differ by ~1e-6 in practice
 FORMATS = ("onnx", "torchscript", "safetensors")
 
 
-class ParityError(RuntimeError):
+class ParityError(UserError):
     """The exported model does not compute what the PyTorch model computes."""
 
 
 def parity_inputs(pred: Predictor, inputs: list[str], n: int = 8) -> torch.Tensor:
     """Up to `n` real images, preprocessed by the evaluation graph: (n, 3, S, S) float32."""
-    files, shard_dirs = image_files(inputs)
+    from .pipeline import build_pipeline
+    from .shards import ShardSet
+
+    rows, shard_dirs = gather(inputs)
+    files = [Path(r.path) for r in rows if not r.error and Path(r.path).is_file()]
     spec = None
     if files:
         ok = [f for f in files[: 4 * n] if (v := inspect(f.read_bytes())).ok and not v.convert]
@@ -47,15 +50,20 @@ def parity_inputs(pred: Predictor, inputs: list[str], n: int = 8) -> torch.Tenso
             spec = pred.spec(files=tuple(str(f) for f in ok[:n]), batch_size=min(n, len(ok)))
     elif shard_dirs:
         s = ShardSet.open(shard_dirs[0])
-        split = next(sp for sp in ("test", "val", "train") if s.count(sp))
-        f = s.files(split)
-        spec = pred.spec(tars=f.tars, indexes=f.indexes, batch_size=min(n, f.count))
+        role = next(r for r in ("test", "val", "train") if s.count(r, _any_fold(s)))
+        f = s.files(role, _any_fold(s))
+        spec = pred.spec(tars=f.tars, indexes=f.indexes, batch_size=min(n, f.count),
+                         exts=(f.components.image, f.components.label))
     if spec is None:
-        raise SystemExit("kvasir-export: no decodable baseline JPEG among the --inputs given for "
-                         "the parity check")
+        raise UserError("no decodable baseline JPEG among the --inputs given for the parity "
+                        "check; give a few images with --inputs")
     pipe = build_pipeline(spec)
     images = pipe.run()[0]
     return torch.from_numpy(np.array(images.as_tensor()))
+
+
+def _any_fold(shard_set) -> int | None:
+    return 0 if shard_set.manifest.layout == "folds" else None
 
 
 def default_inputs(ckpt: Path) -> list[str]:
@@ -130,29 +138,34 @@ def check_parity(ref: np.ndarray, got: np.ndarray) -> float:
     return diff
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kvasir-export", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="--debug (or KVASIR_DEBUG=1) shows tracebacks of errors")
     ap.add_argument("ckpt", help="checkpoint written by kvasir-train (.ckpt)")
     ap.add_argument("--format", required=True, choices=FORMATS)
     ap.add_argument("--out", required=True, help="file to write")
     ap.add_argument("--inputs", nargs="*", default=None,
                     help="images, folders or a shards folder for the parity check (default: "
                          "the run's own shards, from its config.yaml)")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def _run(argv: list[str]) -> int:
+    from .predict import writable
+
+    a = parser().parse_args(argv)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     ckpt, out = Path(a.ckpt), Path(a.out)
-    try:
-        pred = Predictor(str(ckpt), Options(device="cpu", precision="32"))
-    except CheckpointError as exc:
-        raise SystemExit(f"kvasir-export: {exc}") from exc
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writable(out)
+    pred = Predictor(str(ckpt), Options(device="cpu", precision="32"))
     inputs = a.inputs if a.inputs is not None else default_inputs(ckpt)
     if not inputs:
-        raise SystemExit(f"kvasir-export: the run's shards are not found next to {ckpt}; give "
-                         "a few images for the parity check with --inputs")
+        raise UserError(f"the run's shards are not found next to {ckpt}; give a few images for "
+                        "the parity check with --inputs")
     x = parity_inputs(pred, inputs)
     model, pre = pred.model.eval(), pred.pre
-    out.parent.mkdir(parents=True, exist_ok=True)
     # Traced with a batch of 2 and checked on another batch size: proves the batch is dynamic.
     export(model, pre, a.format, out, x[:2].clone() if len(x) > 2 else torch.cat([x, x, x])[:3])
     with torch.no_grad():
@@ -161,11 +174,17 @@ def main(argv: list[str] | None = None) -> None:
         diff = check_parity(ref, exported_logits(a.format, out, pre, x))
     except ParityError as exc:
         out.unlink(missing_ok=True)
-        raise SystemExit(f"kvasir-export: {out} removed: {exc}") from exc
+        raise ParityError(f"{out} removed: {exc}") from exc
     print(f"kvasir-export: wrote {out} ({a.format}, {out.stat().st_size / 1e6:.1f} MB, "
           f"{len(pre.classes)} classes, input {pre.image_size} px); parity on {len(x)} images: "
           f"max |logit diff| {diff:.2e}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `kvasir-export`."""
+    return run_command("kvasir-export", _run, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,8 +2,10 @@
 
 Lightning owns precision (fp16 autocast + scaler), DDP and the loop; this file holds the step,
 the optimizer and schedule, and the metrics (torchmetrics objects, correct under DDP).
-Evaluation batches are `(images, labels, keys)`; test predictions are kept per sample so that
-`report.py` can write predictions.csv.
+Evaluation batches are `(images, labels, keys)`; test logits are kept per sample so that
+`report.py` can write predictions.csv and compute intervals and calibration. With `calibrate`,
+a temperature is fitted on the validation split before testing (`evidence.fit_temperature`):
+test probabilities are softmax(logits / T), the same ranking, so accuracy does not change.
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ class KvasirClassifier(L.LightningModule):
         max_nonfinite: consecutive non-finite losses after which training stops.
         image_size: the input side the model is trained at (linked from data.image_size); kept
             in checkpoints for kvasir-predict and kvasir-export.
+        calibrate: fit a temperature on the validation split before testing; test
+            probabilities (predictions.csv) are then calibrated, and results.json says so.
     """
 
     def __init__(self, model_name: str = "fastvit_t8", num_classes: int = 8,
@@ -78,7 +82,7 @@ class KvasirClassifier(L.LightningModule):
                  drop_path: float = 0.0, ema_decay: float = 0.0,
                  grad_checkpointing: bool = False, channels_last: bool = False,
                  compile: bool = False, max_nonfinite: int = 20,
-                 image_size: int = 384) -> None:
+                 image_size: int = 384, calibrate: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.class_names = list(class_names or [str(i) for i in range(num_classes)])
@@ -87,20 +91,24 @@ class KvasirClassifier(L.LightningModule):
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = None
-        if ema_decay > 0:
+        if ema_decay > 0:  # a copy made before compiling: evaluation runs it uncompiled
             from timm.utils import ModelEmaV3
             self.ema = ModelEmaV3(self.model, decay=ema_decay)
-        self.forward_model = torch.compile(self.model) if compile else self.model
+        if compile:  # in place: the state dict keeps its `model.` keys, so checkpoints load
+            self.model.compile()  # with compile on or off alike
+        self.temperature: float | None = None  # fitted on validation when `calibrate`
+        self.calibration: dict | None = None  # what the fit found (results.json)
         self.val_metrics = eval_metrics(num_classes).clone(prefix="val/")
         self.test_metrics = eval_metrics(num_classes).clone(prefix="test/")
         self.test_classes = class_metrics(num_classes)  # per class: reported for the test only
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self._nonfinite = 0
-        self.test_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.test_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # keys,
+        # labels, logits (N, C) float32 on the CPU
         self.results: dict = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_model(x)  # (N, 3, S, S) -> logits (N, C)
+        return self.model(x)  # (N, 3, S, S) -> logits (N, C)
 
     # -- training ---------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
@@ -143,19 +151,20 @@ class KvasirClassifier(L.LightningModule):
 
     # -- evaluation -------------------------------------------------------------------------
     def _eval_logits(self, x: torch.Tensor) -> torch.Tensor:
-        model = self.ema.module if self.ema is not None else self.forward_model
-        return model(x)
+        model = self.ema.module if self.ema is not None else self.model
+        return model(x).float()
 
     def _eval_step(self, batch, metrics, loss_metric, classes=None):
         x, y = batch[0], batch[1]
-        logits = self._eval_logits(x).float()
-        loss = F.cross_entropy(logits, y)  # plain CE (no smoothing): comparable to the reference
-        probs = logits.softmax(-1)
+        logits = self._eval_logits(x)
+        scaled = logits / (self.temperature or 1.0)
+        loss = F.cross_entropy(scaled, y)  # plain CE (no smoothing): comparable to the reference
+        probs = scaled.softmax(-1)
         metrics.update(probs, y)
         if classes is not None:
             classes.update(probs, y)
         loss_metric.update(loss, weight=len(y))
-        return probs
+        return logits
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, self.val_metrics, self.val_loss)
@@ -167,21 +176,43 @@ class KvasirClassifier(L.LightningModule):
         self.val_loss.reset()
 
     def test_step(self, batch, batch_idx):
-        probs = self._eval_step(batch, self.test_metrics, self.test_loss, self.test_classes)
+        logits = self._eval_step(batch, self.test_metrics, self.test_loss, self.test_classes)
         self.test_outputs.append((batch[2].detach().cpu(), batch[1].detach().cpu(),
-                                  probs.detach().cpu()))
+                                  logits.detach().cpu()))
 
     def on_test_epoch_start(self) -> None:
         self.test_outputs = []
+        self.temperature = None
+        if self.hparams.calibrate:
+            self._fit_temperature()
+
+    @torch.no_grad()
+    def _fit_temperature(self) -> None:
+        """T minimising the validation NLL (all ranks' samples; every rank fits the same T)."""
+        from .evidence import fit_temperature, nll
+
+        outs = []
+        for x, y, keys in self.trainer.datamodule.val_dataloader():
+            outs.append((keys.cpu(), y.cpu(), self._eval_logits(x.to(self.device)).cpu()))
+        keys, labels, logits = self._gather_predictions(*(torch.cat(t) for t in zip(*outs)))
+        z, y = logits.double().numpy(), labels.numpy()
+        self.temperature = fit_temperature(z, y)
+        self.calibration = {"temperature": self.temperature, "fitted_on": "val",
+                            "val_samples": len(y), "val_nll_before": nll(z, y),
+                            "val_nll_after": nll(z, y, self.temperature)}
 
     def on_test_epoch_end(self) -> None:
         scalars = {k: v.item() for k, v in self.test_metrics.compute().items()}
         scalars["test/loss"] = self.test_loss.compute().item()
         per_class = {k: v.cpu() for k, v in self.test_classes.compute().items()}
         self.log_dict(scalars)
-        keys, labels, probs = (torch.cat(t) for t in zip(*self.test_outputs))
+        keys, labels, logits = self._gather_predictions(
+            *(torch.cat(t) for t in zip(*self.test_outputs)))
         self.results = {"scalars": scalars, "per_class": per_class,
-                        "predictions": self._gather_predictions(keys, labels, probs)}
+                        "predictions": (keys, labels, (logits / (self.temperature or 1.0))
+                                        .softmax(-1)),
+                        "uncalibrated": logits.softmax(-1),
+                        "calibration": self.calibration if self.temperature else None}
         self.test_metrics.reset()
         self.test_classes.reset()
         self.test_loss.reset()

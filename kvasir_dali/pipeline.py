@@ -4,14 +4,26 @@ Reader -> decode (`mixed` on the GPU, hardware JPEG decoder where present; `cpu`
 -> [train: random-resized-crop decode, resize, dihedral flips + rotation, colour jitter]
 -> resize to `image_size` -> normalize. Output images (N, 3, S, S) (or (N, S, S, 3) for
 channels-last) float16/float32, and (N, 2) int64 holding each sample's label and key
-number, on the pipeline's device. Knows DALI, not torch.
+number (`shard_tools.manifest.LABEL_STRUCT`), on the pipeline's device. Knows DALI, not
+torch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from nvidia.dali import fn, pipeline_def, types
+from shard_tools.errors import UserError
+
+
+class DaliMissing(UserError, ImportError):
+    """NVIDIA DALI is not importable; the message says which package to install."""
+
+
+try:
+    from nvidia.dali import fn, pipeline_def, types
+except ImportError as exc:  # an install problem, not a bug: say what to install
+    raise DaliMissing("NVIDIA DALI is not installed: pip install 'kvasir-dali[cu13]' (CUDA 13, "
+                      "as torch's cu130 wheels) or 'kvasir-dali[cu12]' (CUDA 12)") from exc
 
 
 @dataclass(frozen=True)
@@ -57,12 +69,14 @@ class PipeSpec:
     num_threads: int = 2
     shard_id: int = 0  # global rank
     num_shards: int = 1  # world size
-    seed: int = 0  # base seed + global rank
+    seed: int = 0  # base seed + global rank: augmentation and in-buffer shuffle per rank
+    order_seed: int = 0  # the base seed: the per-epoch shard order, the same on every rank
     fp16: bool = False
     channels_last: bool = False
-    shuffle_buffer: int = 4096  # samples held for random_shuffle (train)
+    shuffle_buffer: int = 2048  # samples held for random_shuffle (train): bounded memory
     hw_decoder_load: float = 0.65  # share of JPEGs for the hardware decoder (GPU only)
     augment: Augment = field(default_factory=Augment)
+    exts: tuple[str, str] = ("jpg", "lbl")  # tar member extensions: image, binary label
     # Plain image files instead of shards (kvasir-predict, kvasir-train preview): the "labels"
     # output is then each file's index in this list, (N, 1) int32; no shuffling.
     files: tuple[str, ...] = ()
@@ -109,13 +123,18 @@ def _reader(spec: PipeSpec):
         return fn.readers.file(files=list(spec.files), labels=list(range(len(spec.files))),
                                shard_id=spec.shard_id, num_shards=spec.num_shards,
                                pad_last_batch=True, stick_to_shard=True, name="Reader")
+    # Training shuffles twice: the shard order every epoch (the same permutation on every rank,
+    # so the ranks' slices stay disjoint) and the samples inside a bounded buffer. Shards are
+    # shuffled at packing time too, so a small buffer mixes classes as well as a whole share.
+    order = {"shuffle_after_epoch": True, "shuffle_after_epoch_seed": spec.order_seed} \
+        if spec.train else {}
     return fn.readers.webdataset(
-        paths=spec.tars, index_paths=spec.indexes, ext=["jpg", "lbl"],
+        paths=spec.tars, index_paths=spec.indexes, ext=list(spec.exts),
         dtypes=[types.UINT8, types.INT64], missing_component_behavior="error",
         shard_id=spec.shard_id, num_shards=spec.num_shards, pad_last_batch=True,
         random_shuffle=spec.train, initial_fill=spec.shuffle_buffer,
         stick_to_shard=not spec.train,  # eval: each rank always reads its own fixed share
-        name="Reader")
+        name="Reader", **order)
 
 
 @pipeline_def(enable_conditionals=True)

@@ -8,33 +8,39 @@ one row per sample, the original first. Runs on the CPU graph.
 
 from __future__ import annotations
 
-import tarfile
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from .data import KvasirDataModule, model_norm
+from shard_tools.manifest import Components, key_name, unpack_label
+from shard_tools.tario import parse_index
+
+from .data import KvasirDataModule
+from .model import preprocessing
 from .pipeline import PipeSpec, build_pipeline
 
 
-def _first_of_each_class(tar: str, limit: int) -> list[tuple[str, int, bytes]]:
-    """(key, label, jpeg bytes) of the first sample of each class in `tar`, up to `limit`."""
-    members: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(tar) as tf:
-        for m in tf:
-            key, ext = m.name.rsplit(".", 1)
-            if ext in ("jpg", "cls"):
-                members.setdefault(key, {})[ext] = tf.extractfile(m).read()
+def _first_of_each_class(tar: str, idx: str, comp: Components,
+                         limit: int) -> list[tuple[str, int, bytes]]:
+    """(key, label, jpeg bytes) of the first sample of each class in `tar`, up to `limit`,
+    read through its DALI index (the same members DALI reads)."""
     out, seen = [], set()
-    for key, parts in members.items():
-        label = int(parts["cls"])
-        if label not in seen:
-            seen.add(label)
-            out.append((key, label, parts["jpg"]))
-        if len(out) == limit:
-            break
+    with open(tar, "rb") as fh:
+        for row in parse_index(Path(idx).read_text(), idx):
+            parts = {m.ext: m for m in row}
+
+            def member(ext: str, parts=parts) -> bytes:
+                fh.seek(parts[ext].offset)
+                return fh.read(parts[ext].size)
+
+            label, number = unpack_label(member(comp.label))
+            if label not in seen:
+                seen.add(label)
+                out.append((key_name(number), label, member(comp.image)))
+            if len(out) == limit:
+                break
     return sorted(out, key=lambda t: t[1])
 
 
@@ -54,11 +60,11 @@ def preview(dm: KvasirDataModule, out: str | Path, samples: int = 8, versions: i
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    files = dm.shard_set.files("train")
-    picked = _first_of_each_class(files.tars[0], samples)
-    mean, std = model_norm(dm.model_name)
-    base = PipeSpec(tars=[], indexes=[], batch_size=1, image_size=dm.image_size, mean=mean,
-                    std=std, train=False, num_threads=2, seed=seed, augment=dm.augment)
+    files = dm.shard_set.files("train", dm.fold)
+    picked = _first_of_each_class(files.tars[0], files.indexes[0], files.components, samples)
+    norm = preprocessing(dm.model_name)
+    base = PipeSpec(tars=[], indexes=[], batch_size=1, image_size=dm.image_size, mean=norm.mean,
+                    std=norm.std, train=False, num_threads=2, seed=seed, augment=dm.augment)
     rows = []
     with tempfile.TemporaryDirectory(prefix="kvasir-preview-") as tmp:
         for i, (key, label, jpg) in enumerate(picked):

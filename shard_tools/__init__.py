@@ -5,6 +5,3 @@ Pillow and numpy.
 """
 
 __version__ = "0.1.0"
-
-# Manifest format version; bump when the layout or a field's meaning changes.
-FORMAT_VERSION = 1

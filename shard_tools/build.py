@@ -1,50 +1,45 @@
-"""`kvasir-shard build`: a Kvasir-layout folder or zip -> split, verified WebDataset shards.
+"""`kvasir-shard build`: an image folder or zip -> split, verified WebDataset shards.
 
-Output (see README "Shard format"):
-    OUT/<split>/<name>-NNNNNN.tar   samples `<key>.cls` (label, decimal text), `<key>.jpg`
-                                    (baseline RGB JPEG), `<key>.lbl` (label and key as two
-                                    int64 little endian, so DALI reads both as one tensor)
-    OUT/<split>/<name>-NNNNNN.idx   DALI index v1.2
-    OUT/manifest.json, OUT/samples.csv
-Every source file is packed or rejected with a reason; the same input and options give
-byte-identical tars, index files and CSV.
+Output (the contract is `manifest.py`): `OUT/<split>/<name>-NNNNNN.tar` + `.idx`,
+`OUT/manifest.json`, `OUT/samples.csv`. Every source file is packed or rejected with a reason;
+the same input and options give byte-identical tars, index files and CSV. OUT is written
+beside itself and swapped into place whole (`outdir.py`).
 """
 
 from __future__ import annotations
 
-import csv
 import errno
 import hashlib
-import io
-import json
 import os
 import random
-import shutil
-import struct
+import re
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import FORMAT_VERSION, __version__
+from . import __version__
+from .errors import UserError
 from .imagecheck import Verdict, convert, inspect
+from .manifest import Manifest, Sample, Shard, Split, dump, key_name, pack_label, write_samples
+from .outdir import staging
 from .parallel import pool_map, worker_source
-from .source import Source, open_source
-from .split import Item, assign_splits, duplicate_groups
+from .source import DEFAULT_MAX_FILE_MB, ReadError, Source, open_source
+from .split import Item, assign_folds, assign_splits, duplicate_groups
+from .splitfile import SplitFile, read_split_file
 from .tario import format_index, write_tar
 
-SPLITS = ("train", "val", "test")
-CSV_COLUMNS = ["key", "split", "label", "class", "source", "width", "height", "sha256",
-               "converted", "reason", "packed_width", "packed_height", "packed_bytes", "shard"]
+HOLDOUT = ("train", "val", "test")
+MIN_SHARD_BYTES = 2**20
 
 
-class BuildError(RuntimeError):
+class BuildError(UserError):
     """A build failure the user can act on; the message says what and where."""
 
 
 @dataclass(frozen=True)
 class BuildSpec:
-    """Options of one build; saved in the manifest."""
+    """Options of one build; those that shape the output are saved in the manifest."""
 
     src: str
     out: str
@@ -54,8 +49,33 @@ class BuildSpec:
     shard_bytes: int = 256 * 2**20  # target tar size; a shard closes before passing it
     max_side: int = 0  # 0: keep full resolution; else downscale larger images to this side
     name: str = "kvasir"
+    folds: int = 0  # >= 2: K stratified folds of the non-test samples instead of train/val
+    split_file: str = ""  # a published split to reuse (see splitfile.py)
+    allow_missing: bool = False  # pack although the split file and the source disagree
+    max_file_mb: float = DEFAULT_MAX_FILE_MB  # larger files are rejected unread
     workers: int = 0  # 0: all cores
     overwrite: bool = False
+
+    def check(self) -> None:
+        """BuildError for option values that cannot work, before any file is read."""
+        problems = []
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", self.name):
+            problems.append(f"--name {self.name!r}: use letters, digits, '-' and '_' only (it "
+                            "starts every shard file name; DALI splits names at the first dot)")
+        if self.shard_bytes < MIN_SHARD_BYTES:
+            problems.append(f"--shard-mb {self.shard_bytes / 2**20:g}: give at least 1 (MiB)")
+        if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1
+                and self.val_fraction + self.test_fraction < 1):
+            problems.append("--val-fraction and --test-fraction must lie in [0, 1) and sum to "
+                            "less than 1")
+        if self.folds == 1 or not 0 <= self.folds <= 100:
+            problems.append(f"--folds {self.folds}: give 2 or more (or 0 for train/val/test)")
+        if self.max_side < 0 or 0 < self.max_side < 32:
+            problems.append(f"--max-side {self.max_side}: give 0 (off) or at least 32 pixels")
+        if self.max_file_mb <= 0 or self.workers < 0:
+            problems.append("--max-file-mb must be positive and --workers 0 or more")
+        if problems:
+            raise BuildError("; ".join(problems))
 
 
 @dataclass
@@ -67,12 +87,31 @@ class Record:
     size: int
     verdict: Verdict | None = None
     reject: str = ""
+    split: str = ""  # the split (shard folder) it goes to
+    fold: str = ""  # its fold, as text, in a folds layout
+
+
+@dataclass
+class BuildResult:
+    """What `build` returns: the manifest written, every file's record, and the cost."""
+
+    manifest: Manifest
+    records: list[Record]
+    elapsed_s: float
+    workers: int
+
+    @property
+    def packed(self) -> int:
+        return sum(s.count for s in self.manifest.splits.values())
 
 
 # ---- worker side (see parallel.py) -------------------------------------------------------
 def _inspect_job(job: tuple[str, int]) -> Verdict:
     rel, max_side = job
-    return inspect(worker_source().read(rel), max_side)
+    try:
+        return inspect(worker_source().read(rel), max_side)
+    except ReadError as exc:
+        return Verdict(sha256="", ok=False, error=str(exc))
 
 
 def _pack_job(job: tuple[str, bool, int]) -> tuple[bytes, int, int]:
@@ -85,13 +124,10 @@ def _pack_job(job: tuple[str, bool, int]) -> tuple[bytes, int, int]:
 
 # ---- the build ----------------------------------------------------------------------------
 def _scan(source: Source, spec: BuildSpec, workers: int) -> list[Record]:
-    records = [Record(f.rel, f.cls, f.size) for f in source.files()]
+    records = [Record(f.rel, f.cls, f.size, reject=f.reject) for f in source.files()]
     todo = [r for r in records if r.cls is not None]
-    for r in records:
-        if r.cls is None:
-            r.reject = "not inside a class folder"
     verdicts = pool_map(_inspect_job, [(r.rel, spec.max_side) for r in todo], source, workers,
-                         "decode+check")
+                        "decode+check")
     for r, v in zip(todo, verdicts):
         r.verdict = v
         if not v.ok:
@@ -99,95 +135,129 @@ def _scan(source: Source, spec: BuildSpec, workers: int) -> list[Record]:
     return records
 
 
-def _write_split(
-    split: str, recs: list[Record], keys: dict[str, str], labels: dict[str, int], tmp: Path,
-    ctx: tuple[Source, BuildSpec, int],
-) -> tuple[list[dict], list[dict]]:
-    """Write one split's shards; return manifest shard entries and CSV rows."""
+def _assign(good: list[Record], groups: list[list[int]], items: list[Item], spec: BuildSpec,
+            published: SplitFile | None) -> tuple[str, int]:
+    """Set each record's split (and fold); return (layout, folds)."""
+    if published is not None:
+        for r in good:
+            r.split, r.fold = published.of(r.rel)
+        return published.layout, published.folds
+    if spec.folds:
+        for r, f in zip(good, assign_folds(items, groups, spec.folds, spec.test_fraction,
+                                           spec.seed)):
+            r.split, r.fold = ("test", "") if f < 0 else (f"fold{f}", str(f))
+        return "folds", spec.folds
+    for r, s in zip(good, assign_splits(items, groups, spec.val_fraction, spec.test_fraction,
+                                        spec.seed)):
+        r.split = s
+    return "holdout", 0
+
+
+def _write_split(split: str, recs: list[Record], labels: dict[str, int], keys: dict[str, str],
+                 tmp: Path, ctx: tuple[Source, BuildSpec, int]) -> tuple[list[Shard], list]:
+    """Write one split's shards; return its shard entries and samples.csv rows."""
     source, spec, workers = ctx
     (tmp / split).mkdir()
     jobs = [(r.rel, r.verdict.convert, spec.max_side) for r in recs]
-    shards: list[dict] = []
-    rows: list[dict] = []
+    shards: list[Shard] = []
+    rows: list[Sample] = []
     current: list[tuple[str, dict[str, bytes]]] = []
     size = 0
 
     def flush() -> None:
         nonlocal current, size
         stem = f"{split}/{spec.name}-{len(shards):06d}"
-        tar_path, idx_path = tmp / f"{stem}.tar", tmp / f"{stem}.idx"
+        tar_path = tmp / f"{stem}.tar"
         index = write_tar(tar_path, current)
-        idx_path.write_text(format_index(index))
+        (tmp / f"{stem}.idx").write_text(format_index(index))
         digest = hashlib.sha256(tar_path.read_bytes()).hexdigest()
-        shards.append({"tar": f"{stem}.tar", "idx": f"{stem}.idx", "count": len(current),
-                       "bytes": tar_path.stat().st_size, "sha256": digest})
+        shards.append(Shard(f"{stem}.tar", f"{stem}.idx", len(current), tar_path.stat().st_size,
+                            digest))
         current, size = [], 0
 
-    packed = pool_map(_pack_job, jobs, source, workers, f"pack {split}")
-    for r, (data, pw, ph) in zip(recs, packed):
-        v = r.verdict
-        label = labels[r.cls]
-        key = keys[r.rel]
-        sample = {"cls": str(label).encode(), "jpg": data,
-                  "lbl": struct.pack("<qq", label, int(key))}
+    for r, (data, pw, ph) in zip(recs, pool_map(_pack_job, jobs, source, workers,
+                                                f"pack {split}")):
+        v, label, key = r.verdict, labels[r.cls], keys[r.rel]
+        sample = {"cls": str(label).encode(), "jpg": data, "lbl": pack_label(label, key)}
         need = len(data) + 3 * 512 + 1024  # member headers and padding
         if current and size + need > spec.shard_bytes:
             flush()
         current.append((key, sample))
         size += need
-        rows.append({
-            "key": key, "split": split, "label": label, "class": r.cls, "source": r.rel,
-            "width": v.width, "height": v.height, "sha256": v.sha256,
-            "converted": int(v.convert), "reason": "; ".join(v.reasons),
-            "packed_width": pw or v.width, "packed_height": ph or v.height,
-            "packed_bytes": len(data), "shard": f"{split}/{spec.name}-{len(shards):06d}.tar",
-        })
+        rows.append(Sample(
+            key=key, split="train" if r.fold else split, fold=r.fold, label=label, cls=r.cls,
+            source=r.rel, width=v.width, height=v.height, sha256=v.sha256,
+            converted=int(v.convert), reason="; ".join(v.reasons), packed_width=pw or v.width,
+            packed_height=ph or v.height, packed_bytes=len(data),
+            shard=f"{split}/{spec.name}-{len(shards):06d}.tar"))
     if current:
         flush()
     return shards, rows
 
 
-def _prepare_out(out: Path, overwrite: bool) -> Path:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise BuildError(f"{out} exists and is not empty; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
+def _split_names(layout: str, folds: int) -> list[str]:
+    return list(HOLDOUT) if layout == "holdout" else [f"fold{i}" for i in range(folds)] + ["test"]
 
 
-def _commit(tmp: Path, out: Path) -> None:
-    """Move the finished build into place; an existing OUT goes only after that succeeds."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+def _build_into(tmp: Path, source: Source, spec: BuildSpec, workers: int
+                ) -> tuple[Manifest, list[Record]]:
+    published = read_split_file(spec.split_file) if spec.split_file else None
+    records = _scan(source, spec, workers)
+    if published is not None:
+        published.match(records, spec.allow_missing)
+    good = [r for r in records if not r.reject]
+    if not good:
+        raise BuildError(f"no decodable image found in a class folder of {spec.src} "
+                         "(expected <folder>/<class>/<image files>)")
+    classes = sorted({r.cls for r in good})
+    labels = {c: i for i, c in enumerate(classes)}
+    items = [Item(r.rel, r.cls, r.verdict.sha256, r.verdict.phash) for r in good]
+    groups = duplicate_groups(items)
+    layout, folds = _assign(good, groups, items, spec, published)
+    keys = {r.rel: key_name(n) for n, r in enumerate(good)}  # `good` is sorted by path
+    splits, rows = {}, []
+    for split in _split_names(layout, folds):
+        recs = [r for r in good if r.split == split]
+        random.Random(f"{spec.seed}:order:{split}").shuffle(recs)  # DALI shuffles in a buffer only
+        shards, split_rows = (_write_split(split, recs, labels, keys, tmp,
+                                           (source, spec, workers)) if recs else ([], []))
+        splits[split] = Split(len(recs), shards)
+        rows += split_rows
+    write_samples(tmp, rows)
+    manifest = Manifest(
+        classes=classes, splits=splits, source=str(source.origin), source_files=len(records),
+        rejected=[{"path": r.rel, "reason": r.reject} for r in records if r.reject],
+        converted=dict(Counter(x for r in good for x in r.verdict.reasons)),
+        duplicate_groups=[{"members": [items[i].rel for i in g],
+                           "splits": sorted({good[i].split for i in g}),
+                           "exact": len({items[i].sha256 for i in g}) == 1} for g in groups],
+        options=_shaping_options(spec),
+        class_counts={s: dict(Counter(r.cls for r in good if r.split == s)) for s in splits},
+        layout=layout, folds=folds,
+        split_file=published.summary() if published is not None else None,
+        created_by=f"kvasir-shard {__version__}")
+    dump(manifest, tmp)
+    return manifest, records
 
 
-def build(spec: BuildSpec) -> dict:
-    """Run a build; return the manifest. Raises BuildError for problems the user can fix."""
+def _shaping_options(spec: BuildSpec) -> dict:
+    skip = ("src", "out", "workers", "overwrite", "split_file", "allow_missing")
+    return {k: v for k, v in asdict(spec).items() if k not in skip}
+
+
+def build(spec: BuildSpec) -> BuildResult:
+    """Run a build; raises BuildError (and other UserErrors) for problems the user can fix."""
     t0 = time.perf_counter()
-    source = open_source(spec.src)
+    spec.check()
+    source = open_source(spec.src, spec.max_file_mb)
     workers = spec.workers or os.cpu_count() or 1
     out = Path(spec.out)
     try:
-        tmp = _prepare_out(out, spec.overwrite)
+        with staging(out, Path(spec.src), spec.overwrite) as tmp:
+            manifest, records = _build_into(tmp, source, spec, workers)
     except OSError as exc:
         raise BuildError(_disk_message(exc, out)) from exc
-    try:
-        manifest = _build_into(tmp, source, spec, workers)
-        _commit(tmp, out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise BuildError(_disk_message(exc, out)) from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    manifest["_elapsed_s"] = time.perf_counter() - t0
-    manifest["_workers"] = workers
-    return manifest
+    return BuildResult(manifest, records, time.perf_counter() - t0, workers)
 
 
 def _disk_message(exc: OSError, out: Path) -> str:
@@ -196,56 +266,3 @@ def _disk_message(exc: OSError, out: Path) -> str:
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return f"cannot write to {out} ({exc.strerror}): choose a writable OUT folder"
     return f"I/O error while building {out}: {exc}"
-
-
-def _build_into(tmp: Path, source: Source, spec: BuildSpec, workers: int) -> dict:
-    records = _scan(source, spec, workers)
-    good = [r for r in records if not r.reject]
-    if not good:
-        raise BuildError(f"no decodable image found under {spec.src} "
-                         "(expected <root>/<class>/<image files>)")
-    classes = sorted({r.cls for r in good})
-    labels = {c: i for i, c in enumerate(classes)}
-    items = [Item(r.rel, r.cls, r.verdict.sha256, r.verdict.phash) for r in good]
-    groups = duplicate_groups(items)
-    splits = assign_splits(items, groups, spec.val_fraction, spec.test_fraction, spec.seed)
-    keys = {r.rel: f"{n:06d}" for n, r in enumerate(good)}  # `good` is sorted by path
-    manifest_splits, all_rows = {}, []
-    for split in SPLITS:
-        recs = [r for r, s in zip(good, splits) if s == split]
-        random.Random(f"{spec.seed}:order:{split}").shuffle(recs)  # DALI shuffles in a buffer only
-        if not recs:
-            manifest_splits[split] = {"count": 0, "shards": []}
-            continue
-        shards, rows = _write_split(split, recs, keys, labels, tmp, (source, spec, workers))
-        manifest_splits[split] = {"count": len(recs), "shards": shards}
-        all_rows += rows
-    _write_csv(tmp / "samples.csv", all_rows)
-    manifest = {
-        "format": "kvasir-dali-shards", "format_version": FORMAT_VERSION,
-        "created_by": f"kvasir-shard {__version__}",
-        "classes": classes, "source": str(source.origin), "source_files": len(records),
-        "components": {"image": "jpg", "label": "lbl", "label_text": "cls"},
-        "splits": manifest_splits,
-        "rejected": [{"path": r.rel, "reason": r.reject} for r in records if r.reject],
-        "converted": dict(Counter(x for r in good for x in r.verdict.reasons)),
-        "duplicate_groups": [{"members": [items[i].rel for i in g],
-                              "splits": sorted({splits[i] for i in g}),
-                              "exact": len({items[i].sha256 for i in g}) == 1} for g in groups],
-        "options": {k: v for k, v in asdict(spec).items() if k not in ("src", "out", "workers",
-                                                                      "overwrite")},
-        "class_counts": {s: dict(Counter(r["class"] for r in all_rows if r["split"] == s))
-                         for s in SPLITS},
-    }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    manifest["_records"] = records
-    return manifest
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    rows = sorted(rows, key=lambda r: r["key"])
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    path.write_text(buf.getvalue())

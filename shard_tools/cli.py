@@ -8,42 +8,45 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from .errors import UserError, run_command
+
 
 def _build(a: argparse.Namespace) -> int:
-    from .build import BuildError, BuildSpec, build
+    from .build import BuildSpec, build
 
     spec = BuildSpec(src=a.src, out=a.out, val_fraction=a.val_fraction,
                      test_fraction=a.test_fraction, seed=a.seed,
                      shard_bytes=int(a.shard_mb * 2**20), max_side=a.max_side, name=a.name,
-                     workers=a.workers, overwrite=a.overwrite)
-    try:
-        m = build(spec)
-    except (BuildError, FileNotFoundError, ValueError) as exc:
-        print(f"kvasir-shard build: error: {exc}", file=sys.stderr)
-        return 2
-    records = m["_records"]
-    packed = sum(s["count"] for s in m["splits"].values())
-    src_bytes = sum(r.size for r in records)
-    secs = m["_elapsed_s"]
-    per_split = ", ".join(f"{k} {v['count']}" for k, v in m["splits"].items())
-    print(f"packed {packed} of {m['source_files']} files into {a.out} ({per_split}), "
-          f"{len(m['classes'])} classes")
-    for reason, n in sorted(m["converted"].items()):
+                     folds=a.folds, split_file=a.split_file or "", allow_missing=a.allow_missing,
+                     max_file_mb=a.max_file_mb, workers=a.workers, overwrite=a.overwrite)
+    res = build(spec)
+    m = res.manifest
+    per_split = ", ".join(f"{k} {v.count}" for k, v in m.splits.items())
+    print(f"packed {res.packed} of {m.source_files} files into {a.out} ({per_split}), "
+          f"{len(m.classes)} classes")
+    for reason, n in sorted(m.converted.items()):
         print(f"  converted {n}: {reason}")
-    for reason, n in Counter(r["reason"] for r in m["rejected"]).most_common():
+    for reason, n in Counter(r["reason"] for r in m.rejected).most_common():
         print(f"  rejected {n}: {reason}")
-    for r in m["rejected"][:20]:
+    for r in m.rejected[:20]:
         print(f"    {r['path']}: {r['reason']}")
-    if m["duplicate_groups"]:
-        print(f"  {len(m['duplicate_groups'])} duplicate groups kept within one split each")
-    print(f"  {len(records) / secs:.0f} images/s, {src_bytes / secs / 1e6:.1f} MB/s "
-          f"on {m['_workers']} workers ({secs:.1f} s)")
+    if m.duplicate_groups:
+        across = sum(len(g["splits"]) > 1 for g in m.duplicate_groups)
+        print(f"  {len(m.duplicate_groups)} duplicate groups"
+              + (f", {across} of them across splits (as the split file says)" if across
+                 else " kept within one split each"))
+    src_bytes = sum(r.size for r in res.records)
+    print(f"  {len(res.records) / res.elapsed_s:.0f} images/s, "
+          f"{src_bytes / res.elapsed_s / 1e6:.1f} MB/s on {res.workers} workers "
+          f"({res.elapsed_s:.1f} s)")
     return 0
 
 
 def _synth(a: argparse.Namespace) -> int:
     from .synth import synth
 
+    if a.per_class < 1:
+        raise UserError(f"--per-class {a.per_class}: give at least 1")
     stats = synth(a.out, a.per_class, a.seed, a.workers)
     print(f"wrote {stats['images']} images ({stats['bytes'] / 1e6:.1f} MB) to {a.out}")
     return 0
@@ -66,11 +69,7 @@ def _verify(a: argparse.Namespace) -> int:
 def _eda(a: argparse.Namespace) -> int:
     from .eda import eda
 
-    try:
-        e = eda(a.src, a.out, a.workers)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"kvasir-shard eda: error: {exc}", file=sys.stderr)
-        return 2
+    e = eda(a.src, a.out, a.workers, a.max_file_mb)
     print(f"{e['images']} images in {len(e['classes'])} classes, "
           f"{len(e['resolutions'])} resolutions, {len(e['would_reject'])} would be rejected")
     print(f"  mean {e['mean']}, std {e['std']} (RGB, [0, 1])")
@@ -79,13 +78,9 @@ def _eda(a: argparse.Namespace) -> int:
 
 
 def _download(a: argparse.Namespace) -> int:
-    from .download import DownloadError, download
+    from .download import download
 
-    try:
-        z = download(Path(a.dir), a.url, a.sha256, extract=not a.no_extract, timeout=a.timeout)
-    except DownloadError as exc:
-        print(f"kvasir-shard download: error: {exc}", file=sys.stderr)
-        return 2
+    z = download(Path(a.dir), a.url, a.sha256, extract=not a.no_extract, timeout=a.timeout)
     print(f"{z}: ok. Next: kvasir-shard build {z} shards/")
     return 0
 
@@ -96,7 +91,8 @@ def parser() -> argparse.ArgumentParser:
     from .download import KVASIR_URL
 
     d = BuildSpec("", "")
-    p = argparse.ArgumentParser(prog="kvasir-shard", description=__doc__)
+    p = argparse.ArgumentParser(prog="kvasir-shard", description=__doc__,
+                                epilog="--debug (or KVASIR_DEBUG=1) shows tracebacks of errors")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("synth", help="write a synthetic Kvasir-shaped data set")
@@ -116,7 +112,17 @@ def parser() -> argparse.ArgumentParser:
                    help="target shard size in MiB")
     b.add_argument("--max-side", type=int, default=0,
                    help="downscale images whose longer side exceeds this (0: off)")
-    b.add_argument("--name", default=d.name, help="shard file name prefix")
+    b.add_argument("--name", default=d.name, help="shard file name prefix (letters, digits, - _)")
+    b.add_argument("--folds", type=int, default=0,
+                   help="deal the non-test samples into K stratified folds (train on K-1, "
+                        "validate on one: --data.fold) instead of train/val")
+    b.add_argument("--split-file", default=None,
+                   help="reuse a published split: a previous samples.csv, or a CSV of "
+                        "path,split or path,fold")
+    b.add_argument("--allow-missing", action="store_true",
+                   help="with --split-file: pack only the files it names, listing the rest")
+    b.add_argument("--max-file-mb", type=float, default=d.max_file_mb,
+                   help="reject larger files unread (bounds memory on hostile input)")
     b.add_argument("--workers", type=int, default=0, help="processes (0: all cores)")
     b.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     b.set_defaults(fn=_build)
@@ -129,6 +135,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("src")
     e.add_argument("--out", required=True, help="folder for eda.json, eda.md and the PNGs")
     e.add_argument("--workers", type=int, default=0, help="processes (0: all cores)")
+    e.add_argument("--max-file-mb", type=float, default=d.max_file_mb,
+                   help="reject larger files unread")
     e.set_defaults(fn=_eda)
 
     dl = sub.add_parser("download", help="download and unpack the Kvasir v2 zip")
@@ -142,11 +150,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `kvasir-shard`."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+def _run(argv: list[str]) -> int:
     a = parser().parse_args(argv)
     return a.fn(a)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `kvasir-shard`: exit 0 done, 1 verify found problems, 2 user error,
+    130/143 stopped by Ctrl-C/SIGTERM."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    return run_command("kvasir-shard", _run, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,13 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
+from .errors import UserError
+
 KVASIR_URL = "https://datasets.simula.no/downloads/kvasir/kvasir-dataset-v2.zip"
 ZIP_NAME = "kvasir-dataset-v2.zip"
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError):
     """A download failure with what to do next."""
 
 

@@ -2,13 +2,13 @@
 
 Every file is fully decoded once (in parallel) for its size, mode, bits per pixel, per-channel
 256-bin histograms (from which the mean and std are exact) and `build`'s verdict (packed as is,
-converted, or rejected with the reason). Writes eda.json, eda.md and three pictures:
+converted, or rejected with the reason). Histograms are summed per class as results arrive, so
+memory does not grow with the number of files. Writes eda.json, eda.md and three pictures:
 grid.png (a few images of every class), resolutions.png, colours.png.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from collections import Counter
@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-from .imagecheck import inspect
+from .imagecheck import inspect_image
 from .parallel import pool_map, worker_source
-from .source import Source, open_source
+from .source import DEFAULT_MAX_FILE_MB, ReadError, Source, open_source
 
 GRID_PER_CLASS = 6
 THUMB = 160  # pixels, longer side of a grid thumbnail
@@ -39,25 +39,27 @@ class FileStats:
     mode: str = ""
     convert: list[str] | None = None  # build's conversion reasons
     hist: np.ndarray | None = None  # (3, 256) pixel counts per RGB channel, displayed image
+    thumb: Image.Image | None = None  # for the grid, made from the same decode
 
 
-def _stats_job(job: tuple[str, str | None, int]) -> FileStats:
-    rel, cls, size = job
+def _stats_job(job: tuple[str, str | None, int, bool]) -> FileStats:
+    rel, cls, size, want_thumb = job
     st = FileStats(rel, cls, size)
-    data = worker_source().read(rel)
-    v = inspect(data)
+    try:
+        v, shown = inspect_image(worker_source().read(rel))
+    except ReadError as exc:
+        st.error = str(exc)
+        return st
     st.ok, st.error, st.width, st.height = v.ok, v.error, v.width, v.height
     st.fmt, st.mode, st.convert = v.fmt, v.mode, v.reasons
-    if v.ok:
-        rgb = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+    if shown is not None:
+        shown = shown.convert("RGB")
+        rgb = np.asarray(shown)
         st.hist = np.stack([np.bincount(rgb[..., c].ravel(), minlength=256) for c in range(3)])
+        if want_thumb:
+            shown.thumbnail((THUMB, THUMB))
+            st.thumb = shown
     return st
-
-
-def _thumb(data: bytes) -> Image.Image:
-    img = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
-    img.thumbnail((THUMB, THUMB))
-    return img
 
 
 def _mean_std(hist: np.ndarray) -> tuple[list[float], list[float]]:
@@ -76,24 +78,35 @@ def _summary(x: list[float]) -> dict:
 
 
 def analyse(source: Source, workers: int = 0) -> tuple[dict, list[FileStats], dict]:
-    """eda.json's content, the per-file statistics and each class's (3, 256) histogram."""
+    """eda.json's content, the per-file statistics (histograms dropped) and each class's
+    (3, 256) histogram."""
     files = source.files()
-    jobs = [(f.rel, f.cls, f.size) for f in files if f.cls is not None]
-    stats = list(pool_map(_stats_job, jobs, source, workers or os.cpu_count() or 1, "eda"))
-    good = [s for s in stats if s.ok]
     classes = source.classes()
+    hists = {c: np.zeros((3, 256), np.int64) for c in classes}
+    stats = []
+    seen: Counter = Counter()
+    jobs = []
+    for f in files:
+        if f.cls is not None:
+            seen[f.cls] += 1  # thumbnails of the first few files of each class: the grid
+            jobs.append((f.rel, f.cls, f.size, seen[f.cls] <= 2 * GRID_PER_CLASS))
+    for st in pool_map(_stats_job, jobs, source, workers or os.cpu_count() or 1, "eda"):
+        if st.hist is not None:
+            hists[st.cls] += st.hist
+            st.hist = None  # summed: keep memory flat in the number of files
+        stats.append(st)
+    good = [s for s in stats if s.ok]
     res = Counter(f"{s.width}x{s.height}" for s in good)
-    total = sum((s.hist for s in good), np.zeros((3, 256), np.int64))
-    per_class, hists = {}, {}
+    per_class = {}
     for c in classes:
         mine = [s for s in good if s.cls == c]
-        h = hists[c] = sum((s.hist for s in mine), np.zeros((3, 256), np.int64))
-        m, sd = _mean_std(h) if mine else ([], [])
+        m, sd = _mean_std(hists[c]) if mine else ([], [])
         per_class[c] = {"images": len(mine), "rejected": sum(1 for s in stats if s.cls == c
                                                               and not s.ok),
                         "mean": m, "std": sd,
                         "resolutions": dict(Counter(f"{s.width}x{s.height}" for s in mine)
                                             .most_common())}
+    total = sum(hists.values(), np.zeros((3, 256), np.int64))
     mean, std = _mean_std(total) if good else ([], [])
     out = {
         "source": str(source.origin), "files": len(files), "images": len(good),
@@ -108,8 +121,7 @@ def analyse(source: Source, workers: int = 0) -> tuple[dict, list[FileStats], di
         "per_class": per_class,
         "would_convert": dict(Counter(r for s in good for r in s.convert).most_common()),
         "would_reject": [{"path": s.rel, "reason": s.error} for s in stats if not s.ok]
-        + [{"path": f.rel, "reason": "not inside a class folder"} for f in files
-           if f.cls is None],
+        + [{"path": f.rel, "reason": f.reject} for f in files if f.cls is None],
     }
     return out, stats, hists
 
@@ -140,19 +152,19 @@ def markdown(e: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def eda(src: str, out: str | Path, workers: int = 0) -> dict:
+def eda(src: str, out: str | Path, workers: int = 0,
+        max_file_mb: float = DEFAULT_MAX_FILE_MB) -> dict:
     """Analyse `src` and write eda.json, eda.md and the pictures into `out`."""
     from . import eda_plots
 
+    source = open_source(src, max_file_mb)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    source = open_source(src)
     e, stats, hists = analyse(source, workers)
     (out / "eda.json").write_text(json.dumps(e, indent=2) + "\n")
     (out / "eda.md").write_text(markdown(e))
-    picks = {c: [s.rel for s in stats if s.ok and s.cls == c][:GRID_PER_CLASS]
-             for c in e["classes"]}
-    thumbs = {c: [_thumb(source.read(r)) for r in rels] for c, rels in picks.items()}
+    thumbs = {c: [s.thumb for s in stats if s.ok and s.cls == c and s.thumb][:GRID_PER_CLASS]
+              for c in e["classes"]}
     eda_plots.grid_png(out / "grid.png", thumbs)
     eda_plots.resolutions_png(out / "resolutions.png", e)
     eda_plots.colours_png(out / "colours.png", hists)

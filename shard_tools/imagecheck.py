@@ -82,10 +82,16 @@ def phash(img: Image.Image) -> str:
 
 def inspect(data: bytes, max_side: int = 0) -> Verdict:
     """Fully decode `data` and say whether and why it needs converting."""
+    return inspect_image(data, max_side)[0]
+
+
+def inspect_image(data: bytes, max_side: int = 0) -> tuple[Verdict, Image.Image | None]:
+    """`inspect`, and the decoded image as displayed (EXIF orientation applied; None when it
+    does not decode), for callers that need the pixels too: one decode per file."""
     v = Verdict(sha256=hashlib.sha256(data).hexdigest(), ok=False)
     if not data:
         v.error = "empty file"
-        return v
+        return v, None
     try:
         with warnings.catch_warnings():
             # Our own size check below runs before any pixel is decoded; PIL's would reject
@@ -96,16 +102,16 @@ def inspect(data: bytes, max_side: int = 0) -> Verdict:
             v.width, v.height, v.fmt, v.mode = img.width, img.height, img.format or "", img.mode
             if v.width <= 0 or v.height <= 0 or v.width * v.height > MAX_PIXELS:
                 v.error = f"absurd declared size {v.width}x{v.height} (limit {MAX_PIXELS} px)"
-                return v
+                return v, None
             img.load()  # the full decode: raises on truncated or corrupt data
             shown = ImageOps.exif_transpose(img)
     except Image.UnidentifiedImageError:
         # PIL's message names a BytesIO's memory address: no use, and not reproducible.
         v.error = "does not decode as an image: not a recognised image format"
-        return v
+        return v, None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a rejection reason
         v.error = f"does not decode as an image: {type(exc).__name__}: {exc}"
-        return v
+        return v, None
     if v.fmt != "JPEG":
         v.reasons.append(f"{v.fmt or 'unknown'} content, not JPEG")
     else:
@@ -122,7 +128,7 @@ def inspect(data: bytes, max_side: int = 0) -> Verdict:
         v.reasons.append(f"downscaled to max side {max_side}")
     v.phash = phash(shown)
     v.ok = True
-    return v
+    return v, shown
 
 
 def convert(data: bytes, max_side: int = 0) -> tuple[bytes, int, int]:

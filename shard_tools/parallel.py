@@ -1,11 +1,18 @@
-"""Ordered parallel map over a source's files, with a progress bar.
+"""Ordered parallel map over a source's files, with a progress bar and bounded memory.
 
 The source is installed once per worker process (fork), not pickled per task; job functions
-read it with `worker_source()`.
+read it with `worker_source()`. At most `window` results are in flight: the main process,
+which writes them, never holds more than that many (each at most one file's worth), however
+far ahead the workers could run. Workers ignore Ctrl-C and die quietly on SIGTERM: the main
+process handles both and stops them.
 """
 
 from __future__ import annotations
 
+import itertools
+import signal
+from collections import deque
+from collections.abc import Callable, Iterator
 from multiprocessing import get_context
 
 from tqdm import tqdm
@@ -18,6 +25,8 @@ _SOURCE: Source | None = None
 def _init_worker(src: Source) -> None:
     global _SOURCE
     _SOURCE = src
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def worker_source() -> Source:
@@ -26,17 +35,28 @@ def worker_source() -> Source:
     return _SOURCE
 
 
-def pool_map(fn, jobs: list, src: Source, workers: int, desc: str):
-    """Yield fn(job) for each job, in order; inline when one worker is asked for."""
+def pool_map(fn: Callable, jobs: list, src: Source, workers: int, desc: str,
+             window: int = 0) -> Iterator:
+    """Yield fn(job) for each job, in order; inline when one worker is asked for.
+
+    `window`: results in flight at most (default 4 per worker).
+    """
+    global _SOURCE
     bar = tqdm(total=len(jobs), desc=desc, unit="img", dynamic_ncols=True, leave=False)
     if workers <= 1:
-        _init_worker(src)
+        _SOURCE = src
         for job in jobs:
             yield fn(job)
             bar.update()
     else:
+        todo = iter(jobs)
         with get_context("fork").Pool(workers, _init_worker, (src,)) as pool:
-            for res in pool.imap(fn, jobs, chunksize=4):
-                yield res
+            pending = deque(pool.apply_async(fn, (j,))
+                            for j in itertools.islice(todo, window or 4 * workers))
+            while pending:
+                result = pending.popleft().get()
+                for j in itertools.islice(todo, 1):
+                    pending.append(pool.apply_async(fn, (j,)))
+                yield result
                 bar.update()
     bar.close()

@@ -7,7 +7,9 @@ Markers (pyproject): `gpu` tests need CUDA and skip with the reason elsewhere (C
 from __future__ import annotations
 
 import io
+import os
 import struct
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,9 @@ from PIL import Image
 from shard_tools.build import BuildSpec, build
 from shard_tools.synth import synth
 from tests.helpers import FAST, SMOKE, train
+
+# The tools remember verified shards per user; the tests keep that memory to themselves.
+os.environ["KVASIR_CACHE_DIR"] = tempfile.mkdtemp(prefix="kvasir-test-cache-")
 
 
 def jpeg_bytes(size=(96, 80), color=(180, 60, 50), **save) -> bytes:
@@ -98,7 +103,5 @@ def hostile(tmp_path) -> Path:
     (b / "notes.txt").write_text("not an image")
     (b / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     (b / "absurd.jpg").write_bytes(_absurd_size())
-    (b / "sub").mkdir()
-    (b / "sub" / "nested.jpg").write_bytes(jpeg_bytes(color=(90, 10, 140)))
     (root / "README.txt").write_text("loose file at the root")
     return root

@@ -20,20 +20,22 @@ FAST = ["--data.image_size", "48", "--data.batch_size", "16", "--trainer.enable_
         "false", "--trainer.log_every_n_steps", "1"]
 
 
-def run_tool(tool: str, args: list[str], cwd: Path | None = None,
-             check: bool = True) -> subprocess.CompletedProcess:
-    """Run `tool` (kvasir-train, kvasir-predict...) from this environment's bin folder."""
+def run_tool(tool: str, args: list[str], cwd: Path | None = None, check: bool = True,
+             timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `tool` (kvasir-train, kvasir-predict...) from this environment's bin folder; a
+    timeout (seconds) so that a hang fails the test instead of stalling the suite."""
     # PYTHONPATH: the tools can load test-only classes such as KillAt by their class path.
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT), **(env or {}))
     res = subprocess.run([str(BIN / tool), *args], cwd=cwd, capture_output=True, text=True,
-                         env=env)
+                         env=env, timeout=timeout)
     if check and res.returncode:
         raise AssertionError(f"{tool} failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
     return res
 
 
-def train(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    return run_tool("kvasir-train", args, cwd, check)
+def train(args: list[str], cwd: Path, check: bool = True,
+          env: dict | None = None) -> subprocess.CompletedProcess:
+    return run_tool("kvasir-train", args, cwd, check, env=env)
 
 
 class KillAt(Callback):

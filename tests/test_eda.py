@@ -64,11 +64,11 @@ def test_eda_reports_what_build_would_reject_and_convert(hostile, tmp_path):
     assert shard_main(["eda", str(hostile), "--out", str(tmp_path / "eda")]) == 0
     e = json.loads((tmp_path / "eda" / "eda.json").read_text())
     m = build(BuildSpec(src=str(hostile), out=str(tmp_path / "out"), workers=2,
-                        val_fraction=0.0, test_fraction=0.0))
+                        val_fraction=0.0, test_fraction=0.0)).manifest
     assert {r["path"]: r["reason"] for r in e["would_reject"]} == \
-        {r["path"]: r["reason"] for r in m["rejected"]}
-    assert e["would_convert"] == m["converted"]
-    assert e["files"] == m["source_files"] == 17
+        {r["path"]: r["reason"] for r in m.rejected}
+    assert e["would_convert"] == m.converted
+    assert e["files"] == m.source_files == 16
 
 
 def test_preview_renders_a_grid_on_cpu(shards, tmp_path):
@@ -85,7 +85,8 @@ def test_preview_renders_a_grid_on_cpu(shards, tmp_path):
 
 def test_preview_samples_differ_from_the_original_and_each_other(shards, tmp_path):
     dm = KvasirDataModule(str(shards), image_size=64, device="cpu")
-    picked = _first_of_each_class(dm.shard_set.files("train").tars[0], 8)
+    files = dm.shard_set.files("train")
+    picked = _first_of_each_class(files.tars[0], files.indexes[0], files.components, 8)
     labels = [p[1] for p in picked]
     assert len(set(labels)) == len(labels) >= 2
     path = tmp_path / "x.jpg"

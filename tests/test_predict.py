@@ -85,7 +85,9 @@ def test_a_corrupt_file_gets_its_error_and_the_rest_are_predicted(best, synth_di
     Image.open(good[1]).convert("RGBA").save(buf, "PNG")
     (folder / "frame.png").write_bytes(buf.getvalue())
     out = tmp_path / "pred.csv"
-    res = run_tool("kvasir-predict", [str(best), str(tmp_path / "in"), "--out", str(out)])
+    res = run_tool("kvasir-predict", [str(best), str(tmp_path / "in"), "--out", str(out)],
+                   check=False)
+    assert res.returncode == 1  # some inputs failed; their rows say why
     rows = {Path(r["path"]).name: r for r in csv.DictReader(open(out))}
     assert len(rows) == 6
     assert "does not decode" in rows["truncated.jpg"]["error"]
@@ -131,7 +133,7 @@ def test_torchscript_runs_in_a_process_that_imports_only_torch(best, shards, tmp
         "assert not any(k.split('.')[0] in bad for k in sys.modules)\n"
         "print(tuple(y.shape), len(info['classes']))\n")
     res = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True,
-                         text=True, cwd=tmp_path)
+                         text=True, cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "(3, 8) 8"
 
@@ -157,7 +159,8 @@ def test_predict_names_a_file_that_is_not_a_checkpoint(tmp_path):
     bad = tmp_path / "model.ckpt"
     bad.write_bytes(b"garbage")
     res = run_tool("kvasir-predict", [str(bad), str(tmp_path)], check=False)
-    assert res.returncode != 0 and f"{bad}: not a kvasir-train checkpoint" in res.stderr
+    assert res.returncode == 2 and f"{bad}: not a readable kvasir-train checkpoint" in res.stderr
+    assert "Traceback" not in res.stderr
 
 
 @pytest.mark.gpu

@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from shard_tools.build import BuildError, BuildSpec, build
+from shard_tools.outdir import OutError
 from shard_tools.split import Item, assign_splits, split_counts
 from shard_tools.verify import verify
 
@@ -148,16 +149,17 @@ def test_zip_source_packs_the_same_samples_as_the_folder(synth_dir, shards, tmp_
 def test_hostile_folder_is_fully_accounted_for(hostile, tmp_path):
     out = tmp_path / "out"
     m = build(BuildSpec(src=str(hostile), out=str(out), workers=2, val_fraction=0.0,
-                        test_fraction=0.0))
+                        test_fraction=0.0)).manifest
     rows = read_samples(out)
     all_files = sorted(p.relative_to(hostile).as_posix() for p in hostile.rglob("*") if p.is_file())
     packed = sorted(r["source"] for r in rows)
-    rejected = {r["path"]: r["reason"] for r in m["rejected"]}
-    assert m["source_files"] == len(all_files) == 17
+    rejected = {r["path"]: r["reason"] for r in m.rejected}
+    assert m.source_files == len(all_files) == 16
     assert sorted(packed + list(rejected)) == all_files  # each file exactly once
-    assert rejected["README.txt"] == "not inside a class folder"
+    assert rejected["README.txt"] == "not inside a class folder (a file at the top level)"
+    assert rejected["beta gamma/.DS_Store"] == "hidden or system file, not data"
     assert "absurd declared size 60000x60000" in rejected["beta gamma/absurd.jpg"]
-    for name in ("truncated.jpg", "random.jpg", "notes.txt", ".DS_Store"):
+    for name in ("truncated.jpg", "random.jpg", "notes.txt"):
         assert "does not decode" in rejected[f"beta gamma/{name}"], name
     assert rejected["beta gamma/empty.jpg"] == "empty file"
     reasons = {r["source"]: r["reason"] for r in rows}
@@ -171,14 +173,14 @@ def test_hostile_folder_is_fully_accounted_for(hostile, tmp_path):
     rot = by_src["beta gamma/rotated.jpg"]
     assert (rot["packed_width"], rot["packed_height"]) == ("60", "120")
     members = {}
-    for shard in m["splits"]["train"]["shards"]:
-        members.update(tar_members(out / shard["tar"]))
+    for shard in m.splits["train"].shards:
+        members.update(tar_members(out / shard.tar))
     for row in rows:  # every packed image is a baseline RGB JPEG, as the HW decoder needs
         data = members[f"{row['key']}.jpg"]
         img = Image.open(io.BytesIO(data))
         assert img.format == "JPEG" and img.mode == "RGB" and not img.info.get("progressive")
     assert any({"alpha/plain.jpg", "alpha/copy of plain.JPG"} <= set(g["members"])
-               for g in m["duplicate_groups"])
+               for g in m.duplicate_groups)
     assert verify(out) == []
 
 
@@ -192,13 +194,13 @@ def test_near_duplicates_stay_in_one_split(synth_dir, tmp_path):
             p.with_name("copy-" + p.name), "JPEG", quality=75)
     out = tmp_path / "out"
     m = build(BuildSpec(src=str(src), out=str(out), workers=2, val_fraction=0.25,
-                        test_fraction=0.25))
+                        test_fraction=0.25)).manifest
     split_of = {r["source"]: r["split"] for r in read_samples(out)}
     for p in originals:
         rel = p.relative_to(src).as_posix()
         assert split_of[rel] == split_of[rel.replace("polyps/", "polyps/copy-")]
-    assert len(m["duplicate_groups"]) >= len(originals)
-    assert all(len(g["splits"]) == 1 for g in m["duplicate_groups"])
+    assert len(m.duplicate_groups) >= len(originals)
+    assert all(len(g["splits"]) == 1 for g in m.duplicate_groups)
 
 
 def test_verify_catches_a_flipped_byte(shards, tmp_path):
@@ -213,7 +215,7 @@ def test_verify_catches_a_flipped_byte(shards, tmp_path):
     errors = verify(copy)
     assert len(errors) == 1 and str(tar) in errors[0] and "SHA-256" in errors[0]
     cli = subprocess.run([sys.executable, "-m", "shard_tools.cli", "verify", str(copy)],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, timeout=120)
     assert cli.returncode == 1 and tar.name in cli.stderr
 
 
@@ -234,7 +236,7 @@ def test_non_empty_out_is_refused_without_overwrite(synth_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(BuildError, match="--overwrite"):
+    with pytest.raises(OutError, match="--overwrite"):
         build(BuildSpec(src=str(synth_dir), out=str(out), workers=1))
     assert (out / "keep.txt").read_text() == "mine"
 
@@ -245,7 +247,7 @@ def test_interrupted_build_leaves_no_output(synth_dir, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(b, "_write_csv", boom)
+    monkeypatch.setattr(b, "write_samples", boom)
     with pytest.raises(KeyboardInterrupt):
         build(BuildSpec(src=str(synth_dir), out=str(tmp_path / "out"), workers=1))
     assert list(tmp_path.iterdir()) == []
@@ -270,7 +272,8 @@ def test_full_or_read_only_disk_gives_a_clear_error(synth_dir, tmp_path, monkeyp
 
 def test_shard_tools_imports_neither_torch_nor_dali():
     code = ("import sys, shard_tools.cli, shard_tools.build, shard_tools.verify, shard_tools.synth,"
-            " shard_tools.download, shard_tools.eda, shard_tools.eda_plots; "
+            " shard_tools.download, shard_tools.eda, shard_tools.eda_plots, shard_tools.manifest,"
+            " shard_tools.outdir, shard_tools.splitfile; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'nvidia', 'lightning')];"
             " assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
