@@ -63,8 +63,12 @@ class DaliLoader:
         self.pipe = build_pipeline(spec)
         self.last_keys: torch.Tensor | None = None  # (N,) sample keys of the latest batch
         policy = LastBatchPolicy.DROP if spec.train else LastBatchPolicy.PARTIAL
-        self._it = DALIGenericIterator(self.pipe, ["images", "labels"], reader_name="Reader",
-                                       last_batch_policy=policy, auto_reset=True)
+        try:  # the iterator runs the pipeline ahead already here
+            self._it = DALIGenericIterator(self.pipe, ["images", "labels"],
+                                           reader_name="Reader", last_batch_policy=policy,
+                                           auto_reset=True)
+        except RuntimeError as exc:
+            self._explain(exc)
 
     def __len__(self) -> int:
         return len(self._it)
@@ -77,17 +81,21 @@ class DaliLoader:
         try:
             yield from self._it
         except RuntimeError as exc:
-            if "Critical error in pipeline" not in str(exc) or not self.spec.tars:
-                raise
-            found, reason = find_undecodable(self.spec), _dali_reason(str(exc))
-            if found is None:
-                raise DecodeError(f"DALI stopped on a sample of {', '.join(self.spec.tars)} "
-                                  f"({reason}) that decodes on the CPU; run "
-                                  "`kvasir-shard verify` on the shards folder") from exc
-            tar, key = found
-            raise DecodeError(f"{tar}: sample {key} does not decode ({reason}); "
-                              f"rebuild the shards (`kvasir-shard build`) from the source "
-                              f"images, which re-checks every image") from exc
+            self._explain(exc)
+
+    def _explain(self, exc: RuntimeError) -> None:
+        """Raise DecodeError naming the sample that stopped the pipeline (else re-raise)."""
+        if "Critical error in pipeline" not in str(exc) or not self.spec.tars:
+            raise exc
+        found, reason = find_undecodable(self.spec), _dali_reason(str(exc))
+        if found is None:
+            raise DecodeError(f"DALI stopped on a sample of {', '.join(self.spec.tars)} "
+                              f"({reason}) that decodes on the CPU; run `kvasir-shard verify` "
+                              "on the shards folder") from exc
+        tar, key = found
+        raise DecodeError(f"{tar}: sample {key} does not decode ({reason}); rebuild the shards "
+                          "(`kvasir-shard build`) from the source images, which re-checks "
+                          "every image") from exc
 
     def __iter__(self):
         for batch in self._batches():

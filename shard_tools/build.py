@@ -126,12 +126,12 @@ def _pack_job(job: tuple[str, bool, int]) -> tuple[bytes, int, int]:
 def _scan(source: Source, spec: BuildSpec, workers: int) -> list[Record]:
     records = [Record(f.rel, f.cls, f.size, reject=f.reject) for f in source.files()]
     todo = [r for r in records if r.cls is not None]
-    verdicts = pool_map(_inspect_job, [(r.rel, spec.max_side) for r in todo], source, workers,
-                        "decode+check")
-    for r, v in zip(todo, verdicts):
-        r.verdict = v
-        if not v.ok:
-            r.reject = v.error
+    with pool_map(_inspect_job, [(r.rel, spec.max_side) for r in todo], source, workers,
+                  "decode+check") as verdicts:
+        for r, v in zip(todo, verdicts):
+            r.verdict = v
+            if not v.ok:
+                r.reject = v.error
     return records
 
 
@@ -153,46 +153,60 @@ def _assign(good: list[Record], groups: list[list[int]], items: list[Item], spec
     return "holdout", 0
 
 
+class _SplitWriter:
+    """One split's samples -> tars that close before `spec.shard_bytes`, their index files, the
+    manifest's shard entries and samples.csv rows."""
+
+    def __init__(self, split: str, tmp: Path, spec: BuildSpec) -> None:
+        self.split, self.tmp, self.spec = split, tmp, spec
+        self.shards: list[Shard] = []
+        self.rows: list[Sample] = []
+        self.current: list[tuple[str, dict[str, bytes]]] = []
+        self.size = 0  # bytes the current tar will take
+        (tmp / split).mkdir()
+
+    def _stem(self) -> str:
+        return f"{self.split}/{self.spec.name}-{len(self.shards):06d}"
+
+    def flush(self) -> None:
+        if not self.current:
+            return
+        stem = self._stem()
+        tar_path = self.tmp / f"{stem}.tar"
+        index = write_tar(tar_path, self.current)
+        (self.tmp / f"{stem}.idx").write_text(format_index(index))
+        digest = hashlib.sha256(tar_path.read_bytes()).hexdigest()
+        self.shards.append(Shard(f"{stem}.tar", f"{stem}.idx", len(self.current),
+                                 tar_path.stat().st_size, digest))
+        self.current, self.size = [], 0
+
+    def add(self, r: Record, packed: tuple[bytes, int, int], label: int, key: str) -> None:
+        data, pw, ph = packed
+        need = len(data) + 3 * 512 + 1024  # member headers and padding
+        if self.current and self.size + need > self.spec.shard_bytes:
+            self.flush()
+        self.current.append((key, {"cls": str(label).encode(), "jpg": data,
+                                   "lbl": pack_label(label, key)}))
+        self.size += need
+        v = r.verdict
+        self.rows.append(Sample(
+            key=key, split="train" if r.fold else self.split, fold=r.fold, label=label,
+            cls=r.cls, source=r.rel, width=v.width, height=v.height, sha256=v.sha256,
+            converted=int(v.convert), reason="; ".join(v.reasons), packed_width=pw or v.width,
+            packed_height=ph or v.height, packed_bytes=len(data), shard=f"{self._stem()}.tar"))
+
+
 def _write_split(split: str, recs: list[Record], labels: dict[str, int], keys: dict[str, str],
                  tmp: Path, ctx: tuple[Source, BuildSpec, int]) -> tuple[list[Shard], list]:
     """Write one split's shards; return its shard entries and samples.csv rows."""
     source, spec, workers = ctx
-    (tmp / split).mkdir()
+    writer = _SplitWriter(split, tmp, spec)
     jobs = [(r.rel, r.verdict.convert, spec.max_side) for r in recs]
-    shards: list[Shard] = []
-    rows: list[Sample] = []
-    current: list[tuple[str, dict[str, bytes]]] = []
-    size = 0
-
-    def flush() -> None:
-        nonlocal current, size
-        stem = f"{split}/{spec.name}-{len(shards):06d}"
-        tar_path = tmp / f"{stem}.tar"
-        index = write_tar(tar_path, current)
-        (tmp / f"{stem}.idx").write_text(format_index(index))
-        digest = hashlib.sha256(tar_path.read_bytes()).hexdigest()
-        shards.append(Shard(f"{stem}.tar", f"{stem}.idx", len(current), tar_path.stat().st_size,
-                            digest))
-        current, size = [], 0
-
-    for r, (data, pw, ph) in zip(recs, pool_map(_pack_job, jobs, source, workers,
-                                                f"pack {split}")):
-        v, label, key = r.verdict, labels[r.cls], keys[r.rel]
-        sample = {"cls": str(label).encode(), "jpg": data, "lbl": pack_label(label, key)}
-        need = len(data) + 3 * 512 + 1024  # member headers and padding
-        if current and size + need > spec.shard_bytes:
-            flush()
-        current.append((key, sample))
-        size += need
-        rows.append(Sample(
-            key=key, split="train" if r.fold else split, fold=r.fold, label=label, cls=r.cls,
-            source=r.rel, width=v.width, height=v.height, sha256=v.sha256,
-            converted=int(v.convert), reason="; ".join(v.reasons), packed_width=pw or v.width,
-            packed_height=ph or v.height, packed_bytes=len(data),
-            shard=f"{split}/{spec.name}-{len(shards):06d}.tar"))
-    if current:
-        flush()
-    return shards, rows
+    with pool_map(_pack_job, jobs, source, workers, f"pack {split}") as packed:
+        for r, result in zip(recs, packed):
+            writer.add(r, result, labels[r.cls], keys[r.rel])
+    writer.flush()
+    return writer.shards, writer.rows
 
 
 def _split_names(layout: str, folds: int) -> list[str]:

@@ -90,11 +90,12 @@ def analyse(source: Source, workers: int = 0) -> tuple[dict, list[FileStats], di
         if f.cls is not None:
             seen[f.cls] += 1  # thumbnails of the first few files of each class: the grid
             jobs.append((f.rel, f.cls, f.size, seen[f.cls] <= 2 * GRID_PER_CLASS))
-    for st in pool_map(_stats_job, jobs, source, workers or os.cpu_count() or 1, "eda"):
-        if st.hist is not None:
-            hists[st.cls] += st.hist
-            st.hist = None  # summed: keep memory flat in the number of files
-        stats.append(st)
+    with pool_map(_stats_job, jobs, source, workers or os.cpu_count() or 1, "eda") as results:
+        for st in results:
+            if st.hist is not None:
+                hists[st.cls] += st.hist
+                st.hist = None  # summed: keep memory flat in the number of files
+            stats.append(st)
     good = [s for s in stats if s.ok]
     res = Counter(f"{s.width}x{s.height}" for s in good)
     per_class = {}

@@ -44,10 +44,10 @@ def run_command(prog: str, main: Callable[[list[str]], int | None], argv: list[s
             raise
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C
         if debug:
             raise
-        print(f"{prog}: stopped by Ctrl-C (SIGINT)", file=sys.stderr)
+        print(f"{prog}: stopped by SIGINT", file=sys.stderr)
         return 130
     except Terminated:
         if debug:

@@ -13,6 +13,7 @@ import itertools
 import signal
 from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from multiprocessing import get_context
 
 from tqdm import tqdm
@@ -35,28 +36,34 @@ def worker_source() -> Source:
     return _SOURCE
 
 
+@contextmanager
 def pool_map(fn: Callable, jobs: list, src: Source, workers: int, desc: str,
-             window: int = 0) -> Iterator:
-    """Yield fn(job) for each job, in order; inline when one worker is asked for.
+             window: int = 0) -> Iterator[Iterator]:
+    """`with pool_map(...) as results:` yields fn(job) for each job, in order (inline when one
+    worker is asked for). Leaving the block, normally or by an exception, stops the workers and
+    clears the progress bar before anything else is printed.
 
     `window`: results in flight at most (default 4 per worker).
     """
     global _SOURCE
-    bar = tqdm(total=len(jobs), desc=desc, unit="img", dynamic_ncols=True, leave=False)
-    if workers <= 1:
-        _SOURCE = src
-        for job in jobs:
-            yield fn(job)
-            bar.update()
-    else:
-        todo = iter(jobs)
+    with tqdm(total=len(jobs), desc=desc, unit="img", dynamic_ncols=True, leave=False) as bar:
+        if workers <= 1:
+            _SOURCE = src
+            yield (_counted(fn(job), bar) for job in jobs)
+            return
         with get_context("fork").Pool(workers, _init_worker, (src,)) as pool:
-            pending = deque(pool.apply_async(fn, (j,))
-                            for j in itertools.islice(todo, window or 4 * workers))
-            while pending:
-                result = pending.popleft().get()
-                for j in itertools.islice(todo, 1):
-                    pending.append(pool.apply_async(fn, (j,)))
-                yield result
-                bar.update()
-    bar.close()
+            yield _windowed(pool, fn, iter(jobs), window or 4 * workers, bar)
+
+
+def _counted(result, bar: tqdm):
+    bar.update()
+    return result
+
+
+def _windowed(pool, fn: Callable, todo: Iterator, window: int, bar: tqdm) -> Iterator:
+    pending = deque(pool.apply_async(fn, (j,)) for j in itertools.islice(todo, window))
+    while pending:
+        result = pending.popleft().get()
+        for j in itertools.islice(todo, 1):
+            pending.append(pool.apply_async(fn, (j,)))
+        yield _counted(result, bar)
