@@ -84,7 +84,10 @@ class KvasirClassifier(L.LightningModule):
                  compile: bool = False, max_nonfinite: int = 20,
                  image_size: int = 384, calibrate: bool = False) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # `calibrate` is a test-time choice: kept out of checkpoints, so that a checkpoint's
+        # hyper-parameters (which LightningCLI applies with --ckpt_path) do not override it.
+        self.save_hyperparameters(ignore=["calibrate"])
+        self.calibrate = calibrate
         self.class_names = list(class_names or [str(i) for i in range(num_classes)])
         self.model = create_model(model_name, num_classes, pretrained, drop_path,
                                   grad_checkpointing)
@@ -183,7 +186,7 @@ class KvasirClassifier(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.test_outputs = []
         self.temperature = None
-        if self.hparams.calibrate:
+        if self.calibrate:
             self._fit_temperature()
 
     @torch.no_grad()

@@ -56,7 +56,10 @@ class SplitFile:
                 by_tail.setdefault("/".join(parts[-k:]), []).append(r.rel)
         rels, rel_of_row = {r.rel for r in candidates}, {}
         for row in self.rows:
-            hits = [row] if row in rels else by_tail.get(row, [])
+            parts = row.split("/")  # the row may carry extra leading folders, or fewer
+            longer = next((t for k in range(len(parts)) if (t := "/".join(parts[k:])) in rels),
+                          None)
+            hits = [longer] if longer else by_tail.get(row, [])
             if len(hits) == 1:
                 rel_of_row[row] = hits[0]
         self._matched = {rel: row for row, rel in rel_of_row.items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import shutil
 from dataclasses import replace
@@ -228,3 +229,22 @@ def test_gpu_graph_keeps_images_on_the_device(shards):
     cpu = next(iter(DaliLoader(spec_for(shards, "val"))))[0]
     gpu = next(iter(DaliLoader(spec_for(shards, "val", device="gpu", device_id=0))))[0]
     assert (gpu.cpu() - cpu).abs().mean() < 0.05  # hardware vs libjpeg decode, same graph
+
+
+def _longest_class_run(labels: list[int]) -> int:
+    return max(len(list(run)) for _, run in itertools.groupby(labels))
+
+
+def test_a_bounded_shuffle_buffer_mixes_classes_as_well_as_a_whole_share(shards):
+    """Memory is bounded by the buffer, not the split; classes stay mixed because the shards
+    are shuffled when packed and their order every epoch."""
+    def epoch_labels(buffer: int, seed: int) -> list[int]:
+        loader = DaliLoader(spec_for(shards, "train", batch_size=8, shuffle_buffer=buffer,
+                                     seed=seed, order_seed=seed))
+        return torch.cat([y for _, y in loader]).tolist()
+
+    whole = [epoch_labels(48, s) for s in range(4)]  # the whole training split (48 samples)
+    small = [epoch_labels(4, s) for s in range(4)]
+    assert _longest_class_run(sorted(whole[0])) == 6  # what class-ordered data would give
+    assert max(map(_longest_class_run, small)) <= max(map(_longest_class_run, whole)) + 1 < 6
+    assert len({tuple(x) for x in small}) == 4  # each seed its own order
