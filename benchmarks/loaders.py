@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 from pathlib import Path
 
@@ -18,15 +17,28 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kvasir_dali.data import DaliLoader, model_norm
-from kvasir_dali.pipeline import Augment, PipeSpec
+from kvasir_dali.augment import Augment
 from kvasir_dali.shards import ShardSet
+from shard_tools.manifest import samples
+
+# Each loader imports its own libraries inside the function that builds it (albumentations for
+# torch-pil and wds-pil, webdataset for wds-pil, torchvision for torch-nvjpeg, DALI for dali-*),
+# so a machine that lacks one of them still times the others.
 
 
-def albumentations_train(size: int, mean, std, aug: Augment = Augment()):
+def norm(model: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of [0, 1] pixels from the model's timm config (no DALI needed)."""
+    from kvasir_dali.model import preprocessing
+
+    p = preprocessing(model)
+    return p.mean, p.std
+
+
+def albumentations_train(size: int, mean, std):
     """The same augmentations as the DALI training graph, in albumentations."""
-    import albumentations as A  # here: a GPU image without it can still time the GPU loaders
+    import albumentations as A
 
+    aug = Augment()
     return A.Compose([
         A.RandomResizedCrop(size=(size, size), scale=aug.scale, ratio=aug.ratio),
         A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.Transpose(p=0.5),
@@ -42,26 +54,32 @@ def _to_tensor(img: Image.Image, tf) -> torch.Tensor:
     return torch.from_numpy(x.transpose(2, 0, 1).copy())
 
 
-class JpegFolder(torch.utils.data.Dataset):
-    """The training split's source JPEGs, read from the original folder."""
+class JpegSplit(torch.utils.data.Dataset):
+    """The training split's source files, read from the original folder: (path, label)."""
 
-    def __init__(self, shards: Path, size: int, mean, std) -> None:
-        src = Path(ShardSet.open(shards).manifest["source"])
-        rows = [r for r in csv.DictReader(open(shards / "samples.csv")) if r["split"] == "train"]
-        self.items = [(src / r["source"], int(r["label"])) for r in rows]
-        self.tf = albumentations_train(size, mean, std)
+    def __init__(self, shards: Path) -> None:
+        src = Path(ShardSet.open(shards).manifest.source)
+        self.items = [(src / r.source, r.label) for r in samples(shards) if r.split == "train"]
 
     def __len__(self) -> int:
         return len(self.items)
+
+
+class JpegFolder(JpegSplit):
+    """Decoded by PIL and augmented by albumentations: (tensor, label)."""
+
+    def __init__(self, shards: Path, size: int, mean, std) -> None:
+        super().__init__(shards)
+        self.tf = albumentations_train(size, mean, std)
 
     def __getitem__(self, i: int):
         path, label = self.items[i]
         return _to_tensor(Image.open(path), self.tf), label
 
 
-class JpegBytes(JpegFolder):
-    """The same files as JpegFolder, undecoded: (bytes, label). Plain bytes, not tensors:
-    workers would pass every small tensor as a file descriptor."""
+class JpegBytes(JpegSplit):
+    """The same files undecoded: (bytes, label). Plain bytes, not tensors: workers would pass
+    every small tensor as a file descriptor."""
 
     def __getitem__(self, i: int):
         path, label = self.items[i]
@@ -72,11 +90,12 @@ class NvjpegLoader:
     """Batches decoded by torchvision.io.decode_jpeg on `device`, augmented there per image."""
 
     def __init__(self, shards: Path, batch: int, size: int, workers: int, model: str,
-                 device: str = "cuda", aug: Augment = Augment()) -> None:
+                 device: str = "cuda") -> None:
         from torchvision.transforms import v2
 
-        mean, std = model_norm(model)
-        ds = JpegBytes(shards, size, mean, std)
+        mean, std = norm(model)
+        aug = Augment()
+        ds = JpegBytes(shards)
         self.dl = torch.utils.data.DataLoader(
             ds, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
             persistent_workers=workers > 0, collate_fn=lambda b: ([x for x, _ in b],
@@ -114,7 +133,7 @@ def torch_nvjpeg(shards: Path, batch: int, size: int, workers: int, model: str,
 
 
 def torch_pil(shards: Path, batch: int, size: int, workers: int, model: str):
-    mean, std = model_norm(model)
+    mean, std = norm(model)
     ds = JpegFolder(shards, size, mean, std)
     return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, drop_last=True,
                                        num_workers=workers, persistent_workers=workers > 0,
@@ -124,7 +143,7 @@ def torch_pil(shards: Path, batch: int, size: int, workers: int, model: str):
 def wds_pil(shards: Path, batch: int, size: int, workers: int, model: str):
     import webdataset as wds
 
-    mean, std = model_norm(model)
+    mean, std = norm(model)
     tf = albumentations_train(size, mean, std)
     s = ShardSet.open(shards)
     urls = s.files("train").tars
@@ -140,7 +159,10 @@ def wds_pil(shards: Path, batch: int, size: int, workers: int, model: str):
 
 
 def dali(shards: Path, batch: int, size: int, threads: int, model: str, device: str = "cpu"):
-    mean, std = model_norm(model)
+    from kvasir_dali.loader import DaliLoader
+    from kvasir_dali.pipeline import PipeSpec
+
+    mean, std = norm(model)
     f = ShardSet.open(shards).files("train")
     spec = PipeSpec(tars=f.tars, indexes=f.indexes, batch_size=batch, image_size=size,
                     mean=mean, std=std, train=True, device=device,

@@ -23,7 +23,8 @@ from shard_tools.errors import UserError
 
 from .loader import DaliLoader
 from .model import preprocessing
-from .pipeline import Augment, PipeSpec
+from .augment import Augment
+from .pipeline import PipeSpec
 from .shards import ShardSet
 
 log = logging.getLogger(__name__)
@@ -194,10 +195,3 @@ class KvasirDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DaliLoader:
         return self._loader("test")
-
-
-def model_norm(model_name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """TEMPORARY shim for benchmarks/loaders.py while it is being edited: use
-    model.preprocessing."""
-    p = preprocessing(model_name)
-    return p.mean, p.std

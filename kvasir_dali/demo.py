@@ -1,9 +1,11 @@
 """`make demo`: the main job end to end on the embedded default.
 
 synthesize a Kvasir-shaped set (or take the real one: --kvasir PATH) -> kvasir-shard eda
-(OUT/eda/) -> kvasir-shard build -> kvasir-train preview (OUT/preview.png) -> kvasir-train fit
-with configs/cpu_smoke.yaml (which tests the best checkpoint; results.md) -> kvasir-predict on a
-class folder of the source -> kvasir-export to ONNX (OUT/model.onnx).
+(OUT/eda/) -> kvasir-shard build -> verify -> kvasir-train preview (OUT/preview.png) ->
+kvasir-train fit with configs/cpu_smoke.yaml, once per seed (each tests its best checkpoint:
+results.md with intervals) -> kvasir-report over the runs (OUT/report/leaderboard.*) ->
+kvasir-predict on a class folder of the source, with class-activation maps (OUT/cams/) ->
+kvasir-export to ONNX (OUT/model.onnx).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-class", type=int, default=60)
     p.add_argument("--kvasir", default=None, help="Kvasir v2 folder or zip (default: synthetic)")
     p.add_argument("--config", default=str(ROOT / "configs" / "cpu_smoke.yaml"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
+                   help="one fit per seed; kvasir-report compares them")
     a, extra = p.parse_known_args(argv)
     t0 = time.time()
     out = Path(a.out)
@@ -46,17 +50,21 @@ def main(argv: list[str] | None = None) -> int:
     run([tool("kvasir-shard"), "verify", str(shards)])
     run([tool("kvasir-train"), "preview", "--config", a.config, "--data.shards", str(shards),
          "--out", str(out / "preview.png")])
-    # Run inside OUT so that the config's relative `runs/` folder lands in OUT/runs.
-    run([str(bindir / "kvasir-train"), "fit", "--config", str(Path(a.config).resolve()),
-         "--data.shards", str(shards.resolve()), "--trainer.enable_progress_bar=false", *extra],
-        cwd=out)
-    runs = sorted(out.glob("runs/*/version_*"), key=lambda d: d.stat().st_mtime)
-    best = next(runs[-1].glob("checkpoints/best-*.ckpt"))
+    before = set(out.glob("runs/*/version_*"))
+    for seed in a.seeds:  # inside OUT, so that the config's relative `runs/` lands in OUT/runs
+        run([tool("kvasir-train"), "fit", "--config", str(Path(a.config).resolve()),
+             "--data.shards", str(shards.resolve()), "--seed_everything", str(seed),
+             "--trainer.enable_progress_bar=false", *extra], cwd=out)
+    runs = sorted(set(out.glob("runs/*/version_*")) - before, key=lambda d: d.stat().st_mtime)
+    run([tool("kvasir-report"), *map(str, runs), "--out", str(out / "report")])
+    best = next(runs[0].glob("checkpoints/best-*.ckpt"))
     folder = next(p for p in sorted(Path(src).iterdir()) if p.is_dir()) if a.kvasir is None \
         else shards  # a zip has no folder to point at: predict the test split instead
-    run([tool("kvasir-predict"), str(best), str(folder), "--out", str(out / "predictions.csv")])
+    run([tool("kvasir-predict"), str(best), str(folder), "--out", str(out / "predictions.csv"),
+         "--cam", str(out / "cams")])
     run([tool("kvasir-export"), str(best), "--format", "onnx", "--out", str(out / "model.onnx")])
-    print(f"\ndemo finished in {time.time() - t0:.0f} s; run folder {runs[-1]}")
+    print(f"\ndemo finished in {time.time() - t0:.0f} s; runs {', '.join(map(str, runs))}; "
+          f"leaderboard {out / 'report' / 'leaderboard.md'}")
     return 0
 
 

@@ -23,11 +23,17 @@ from .source import Source
 _SOURCE: Source | None = None
 
 
+def quiet_worker() -> None:
+    """Pool initializer: Ctrl-C and SIGTERM are the main process's to handle (it stops the
+    pool); a worker ignores the first and dies of the second without a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _init_worker(src: Source) -> None:
     global _SOURCE
     _SOURCE = src
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    quiet_worker()
 
 
 def worker_source() -> Source:

@@ -21,6 +21,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from .parallel import quiet_worker
+
 KVASIR_CLASSES = (
     "dyed-lifted-polyps", "dyed-resection-margins", "esophagitis", "normal-cecum",
     "normal-pylorus", "normal-z-line", "polyps", "ulcerative-colitis",
@@ -151,7 +153,7 @@ def synth(out: str | os.PathLike, per_class: int, seed: int = 0, workers: int = 
     workers = workers or os.cpu_count() or 1
     bar = tqdm(total=len(jobs), desc="synth", unit="img", dynamic_ncols=True, leave=False)
     sizes = []
-    with get_context("fork").Pool(workers) as pool:
+    with get_context("fork").Pool(workers, quiet_worker) as pool:
         for n in pool.imap(_job, jobs, chunksize=2):
             sizes.append(n)
             bar.update()

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from kvasir_dali import leaderboard
+from kvasir_dali.runs import recipe
 
 N, C = 40, 4
 CLASSES = ["a", "b", "c", "d"]
@@ -139,9 +140,9 @@ def test_recipe_ignores_what_varies_between_repeats_but_not_the_recipe():
                                                                    "fold": 3},
              "trainer": {"logger": False, "default_root_dir": "/tmp"}, "ckpt_path": "last"}
     changed = {**base, "model": {"lr": 2e-3}}
-    assert leaderboard.recipe(base)[0] == leaderboard.recipe(other)[0]
-    assert leaderboard.recipe(base)[0] != leaderboard.recipe(changed)[0]
-    assert leaderboard.recipe(base)[1] == "x"
+    assert recipe(base)[0] == recipe(other)[0]
+    assert recipe(base)[0] != recipe(changed)[0]
+    assert recipe(base)[1] == "x"
 
 
 def test_runs_of_different_test_splits_are_refused_naming_the_folders(runs, tmp_path, capsys):
