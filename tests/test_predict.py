@@ -176,3 +176,19 @@ def test_predict_on_the_gpu_in_fp16_agrees_with_the_cpu(best, shards, tmp_path):
     classes = [k for k in rows["cpu"][0] if k.startswith("p_")]
     for a, b in zip(rows["cpu"], rows["gpu"]):  # hardware decoder + fp16: close, not equal
         assert max(abs(float(a[c]) - float(b[c])) for c in classes) < 0.05
+
+
+def test_cam_writes_one_png_per_predicted_image_and_a_grid(best, synth_dir, tmp_path):
+    folder = tmp_path / "in"
+    (folder / "again").mkdir(parents=True)
+    good = sorted(synth_dir.glob("polyps/*.jpg"))[:3]
+    for f in good:
+        shutil.copy(f, folder / f.name)
+    shutil.copy(good[0], folder / "again" / good[0].name)  # the same file name twice
+    (folder / "broken.jpg").write_bytes(b"no image")
+    res = run_tool("kvasir-predict", [str(best), str(folder), "--out", str(tmp_path / "p.csv"),
+                                      "--cam", str(tmp_path / "cams")], check=False)
+    assert res.returncode == 1 and "4 class-activation maps" in res.stderr
+    pngs = sorted(p.name for p in (tmp_path / "cams").glob("*.png"))
+    assert len(pngs) == 5 and "cams.png" in pngs  # 4 predicted images + the grid
+    assert len({Image.open(tmp_path / "cams" / p).size for p in pngs if p != "cams.png"}) == 1
