@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import stat
 import zipfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -253,8 +254,7 @@ class ZipSource(Source):
         self._zip: zipfile.ZipFile | None = None
         self._pid = -1
         infos = [i for i in self._zf().infolist() if not i.is_dir()]
-        names = [i.filename for i in infos]
-        dupes = {n for n in names if names.count(n) > 1} if len(set(names)) < len(names) else set()
+        dupes = {n for n, k in Counter(i.filename for i in infos).items() if k > 1}
         self._files, where = classify([_zip_entry(i, dupes) for i in infos], max_file_bytes)
         by_name = {i.filename: i for i in infos}
         self._member = {rel: by_name[name] for rel, name in where.items()}

@@ -16,12 +16,13 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from shard_tools.build import BuildError, BuildSpec, build
 from shard_tools.outdir import OutError
-from shard_tools.split import Item, assign_splits, split_counts
+from shard_tools.split import Item, assign_splits, duplicate_groups, split_counts
 from shard_tools.verify import verify
 
 
@@ -277,3 +278,37 @@ def test_shard_tools_imports_neither_torch_nor_dali():
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'nvidia', 'lightning')];"
             " assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def _all_pairs_groups(items: list[Item], near: int = 16) -> list[list[int]]:
+    """The reference: every pair compared, as the search did before its index."""
+    hashes = np.stack([np.frombuffer(bytes.fromhex(it.phash), np.uint8) for it in items])
+    parent = list(range(len(items)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for i in range(len(items) - 1):
+        for j in np.nonzero(np.bitwise_count(hashes[i + 1:] ^ hashes[i]).sum(1) <= near)[0]:
+            a, b = find(i), find(i + 1 + int(j))
+            parent[max(a, b)] = min(a, b)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(items)):
+        groups.setdefault(find(i), []).append(i)
+    return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: g[0])
+
+
+def test_indexed_near_duplicate_search_finds_exactly_the_all_pairs_groups():
+    rng = np.random.default_rng(0)
+    n = 3000  # a quarter of the bits nearly constant, as a shared dark border makes them
+    p = np.where(np.arange(256) % 4 == 0, 0.03, 0.5)
+    bits = (rng.random((n, 256)) < p).astype(np.uint8)
+    for _ in range(400):  # near copies, 0..24 bits apart: some inside the threshold, some not
+        a, b = rng.integers(n, size=2)
+        bits[b] = bits[a] ^ (rng.permutation(256) < rng.integers(0, 25)).astype(np.uint8)
+    hexes = [row.tobytes().hex() for row in np.packbits(bits, axis=1)]
+    items = [Item(f"c/{i}.jpg", "c", f"{i}", h) for i, h in enumerate(hexes)]
+    found = duplicate_groups(items)
+    assert found == _all_pairs_groups(items) and len(found) > 100
