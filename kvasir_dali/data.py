@@ -21,9 +21,9 @@ import torch
 
 from shard_tools.errors import UserError
 
+from .augment import Augment
 from .loader import DaliLoader
 from .model import preprocessing
-from .augment import Augment
 from .pipeline import PipeSpec
 from .shards import ShardSet
 

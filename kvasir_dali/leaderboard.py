@@ -68,6 +68,7 @@ from .runs import (
     find_run_dirs,
     group,
     load_run,
+    short,
 )
 
 
@@ -304,7 +305,7 @@ def report(paths: list[str], out: Path, allow_different_tests: bool = False,
         write_csvs(out, configs, comparisons)
         figure(out / "leaderboard.png", configs)
     except OSError as e:
-        raise ReportError(f"cannot write into {out} ({_short(e)}); choose a writable --out "
+        raise ReportError(f"cannot write into {out} ({short(e)}); choose a writable --out "
                           "folder") from None
     return configs
 

@@ -119,7 +119,7 @@ def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ReportError(f"{path} is unreadable ({_short(e)}); restore the run's "
+        raise ReportError(f"{path} is unreadable ({short(e)}); restore the run's "
                           "config.yaml") from None
     if not isinstance(data, dict):
         raise ReportError(f"{path} is not a config mapping; restore the run's config.yaml")
@@ -130,7 +130,7 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ReportError(f"{path} is unreadable ({_short(e)}); rerun `kvasir-train test` "
+        raise ReportError(f"{path} is unreadable ({short(e)}); rerun `kvasir-train test` "
                           "for this run") from None
     if not isinstance(data, dict):
         raise ReportError(f"{path} is not a results object; rerun `kvasir-train test`")
@@ -157,7 +157,7 @@ def _read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
         with open(path, newline="") as fh:
             rows = list(csv.reader(fh))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise ReportError(f"{path} is unreadable ({_short(e)}); rerun `kvasir-train test` "
+        raise ReportError(f"{path} is unreadable ({short(e)}); rerun `kvasir-train test` "
                           "for this run") from None
     head = rows[0] if rows else []
     classes = [c[2:] for c in head[3:]]
@@ -176,7 +176,7 @@ def _read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
         preds = np.array([int(r[2]) for r in body])
         probs = np.array([[float(v) for v in r[3:]] for r in body])
     except ValueError as e:
-        raise ReportError(f"{path}: {_short(e)}; rerun `kvasir-train test` for this run") \
+        raise ReportError(f"{path}: {short(e)}; rerun `kvasir-train test` for this run") \
             from None
     c = len(classes)
     if not (np.isfinite(probs).all() and ((labels >= 0) & (labels < c)).all()
@@ -222,7 +222,7 @@ def _section(config: dict, name: str) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def _short(e: Exception) -> str:
+def short(e: Exception) -> str:
     return str(e).splitlines()[0][:160] if str(e) else type(e).__name__
 
 

@@ -9,7 +9,6 @@ beside itself and swapped into place whole (`outdir.py`).
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import random
 import re
@@ -27,7 +26,7 @@ from .parallel import pool_map, worker_source
 from .source import DEFAULT_MAX_FILE_MB, ReadError, Source, open_source
 from .split import Item, assign_folds, assign_splits, duplicate_groups
 from .splitfile import SplitFile, read_split_file
-from .tario import format_index, write_tar
+from .tario import TarWriter, format_index
 
 HOLDOUT = ("train", "val", "test")
 MIN_SHARD_BYTES = 2**20
@@ -155,38 +154,38 @@ def _assign(good: list[Record], groups: list[list[int]], items: list[Item], spec
 
 class _SplitWriter:
     """One split's samples -> tars that close before `spec.shard_bytes`, their index files, the
-    manifest's shard entries and samples.csv rows."""
+    manifest's shard entries and samples.csv rows. Samples stream into the open tar: memory
+    holds one sample, and the tar's SHA-256 is taken as it is written."""
 
     def __init__(self, split: str, tmp: Path, spec: BuildSpec) -> None:
         self.split, self.tmp, self.spec = split, tmp, spec
         self.shards: list[Shard] = []
         self.rows: list[Sample] = []
-        self.current: list[tuple[str, dict[str, bytes]]] = []
-        self.size = 0  # bytes the current tar will take
+        self.tar: TarWriter | None = None
+        self.size = 0  # bytes the open tar will take
         (tmp / split).mkdir()
 
     def _stem(self) -> str:
         return f"{self.split}/{self.spec.name}-{len(self.shards):06d}"
 
     def flush(self) -> None:
-        if not self.current:
+        if self.tar is None:
             return
         stem = self._stem()
-        tar_path = self.tmp / f"{stem}.tar"
-        index = write_tar(tar_path, self.current)
+        index, digest, size = self.tar.close()
         (self.tmp / f"{stem}.idx").write_text(format_index(index))
-        digest = hashlib.sha256(tar_path.read_bytes()).hexdigest()
-        self.shards.append(Shard(f"{stem}.tar", f"{stem}.idx", len(self.current),
-                                 tar_path.stat().st_size, digest))
-        self.current, self.size = [], 0
+        self.shards.append(Shard(f"{stem}.tar", f"{stem}.idx", len(index), size, digest))
+        self.tar, self.size = None, 0
 
     def add(self, r: Record, packed: tuple[bytes, int, int], label: int, key: str) -> None:
         data, pw, ph = packed
         need = len(data) + 3 * 512 + 1024  # member headers and padding
-        if self.current and self.size + need > self.spec.shard_bytes:
+        if self.tar is not None and self.size + need > self.spec.shard_bytes:
             self.flush()
-        self.current.append((key, {"cls": str(label).encode(), "jpg": data,
-                                   "lbl": pack_label(label, key)}))
+        if self.tar is None:
+            self.tar = TarWriter(self.tmp / f"{self._stem()}.tar")
+        self.tar.add(key, {"cls": str(label).encode(), "jpg": data,
+                           "lbl": pack_label(label, key)})
         self.size += need
         v = r.verdict
         self.rows.append(Sample(

@@ -111,8 +111,8 @@ class Manifest:
         """Split names that play train, val and test; `fold` picks validation in "folds"."""
         if self.layout == "holdout":
             if fold is not None:
-                raise ManifestError(f"these shards have train/val/test splits, not folds; drop "
-                                    f"--data.fold (or rebuild with --folds K)")
+                raise ManifestError("these shards have train/val/test splits, not folds; drop "
+                                    "--data.fold (or rebuild with --folds K)")
             return {"train": ["train"], "val": ["val"], "test": ["test"]}
         if fold is None or not 0 <= fold < self.folds:
             raise ManifestError(f"these shards are organised in {self.folds} folds: choose the "

@@ -8,6 +8,7 @@ DALI's `readers.webdataset` and its own `wds2idx` tool produce.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import tarfile
 from collections.abc import Iterable
@@ -44,28 +45,58 @@ def _info(name: str, size: int) -> tarfile.TarInfo:
     return ti
 
 
-def write_tar(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> list[list[Member]]:
-    """Write `(key, {ext: bytes})` samples, members of a sample adjacent; return the index.
+class _HashingFile:
+    """A write-only file that hashes what passes through (no second read for the digest)."""
 
-    Extensions are written in sorted order so the layout never depends on dict order.
-    """
-    index: list[list[Member]] = []
-    with open(path, "wb") as fh, tarfile.open(
-        fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT
-    ) as tar:
-        for key, parts in samples:
-            if "." in key or " " in key or not key.isascii():
-                raise ValueError(f"sample key {key!r} must be ASCII without dots or spaces")
-            row = []
-            for ext in sorted(parts):
-                name = f"{key}.{ext}"
-                info = _info(name, len(parts[ext]))
-                tar.addfile(info, io.BytesIO(parts[ext]))
-                # After addfile, tar.offset is the end of this member's data, padded to 512.
-                data_offset = tar.offset - -(-info.size // 512) * 512
-                row.append(Member(ext, data_offset, info.size, name))
-            index.append(row)
-    return index
+    def __init__(self, path: Path) -> None:
+        self.fh = open(path, "wb")  # noqa: SIM115 - closed by TarWriter.close
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.fh.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
+class TarWriter:
+    """One tar written sample by sample: memory holds one sample, not the shard."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = _HashingFile(path)
+        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)
+        self.index: list[list[Member]] = []
+
+    def add(self, key: str, parts: dict[str, bytes]) -> None:
+        """A sample's members, adjacent, extensions in sorted order (never dict order)."""
+        if "." in key or " " in key or not key.isascii():
+            raise ValueError(f"sample key {key!r} must be ASCII without dots or spaces")
+        row = []
+        for ext in sorted(parts):
+            name = f"{key}.{ext}"
+            info = _info(name, len(parts[ext]))
+            self.tar.addfile(info, io.BytesIO(parts[ext]))
+            # After addfile, tar.offset is the end of this member's data, padded to 512.
+            data_offset = self.tar.offset - -(-info.size // 512) * 512
+            row.append(Member(ext, data_offset, info.size, name))
+        self.index.append(row)
+
+    def close(self) -> tuple[list[list[Member]], str, int]:
+        """(index, SHA-256 hex, size in bytes) of the finished tar."""
+        self.tar.close()
+        self.file.fh.close()
+        return self.index, self.file.sha.hexdigest(), self.file.size
+
+
+def write_tar(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> list[list[Member]]:
+    """Write `(key, {ext: bytes})` samples, members of a sample adjacent; return the index."""
+    writer = TarWriter(path)
+    for key, parts in samples:
+        writer.add(key, parts)
+    return writer.close()[0]
 
 
 def format_index(index: list[list[Member]]) -> str:

@@ -16,8 +16,15 @@ import torch.nn.functional as F
 from PIL import Image
 from timm.utils import reparameterize_model
 
-from kvasir_dali.cam import (TARGET_LAYERS, CamEntry, class_activation_maps, denormalize,
-                             overlay, target_layer, write_cams)
+from kvasir_dali.cam import (
+    TARGET_LAYERS,
+    CamEntry,
+    class_activation_maps,
+    denormalize,
+    overlay,
+    target_layer,
+    write_cams,
+)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # timm's ImageNet defaults
 

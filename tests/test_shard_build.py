@@ -263,7 +263,7 @@ def test_full_or_read_only_disk_gives_a_clear_error(synth_dir, tmp_path, monkeyp
     def fail(*a, **k):
         raise OSError(err, os.strerror(err))
 
-    monkeypatch.setattr(b, "write_tar", fail)
+    monkeypatch.setattr(b, "TarWriter", fail)
     out = tmp_path / "out"
     with pytest.raises(BuildError, match=message) as info:
         build(BuildSpec(src=str(synth_dir), out=str(out), workers=1))
