@@ -208,15 +208,9 @@ def _dali_version() -> str | None:
 
 def environment() -> dict:
     import timm
+    from machine import cpu_name  # benchmarks/ is on sys.path (see `import loaders`)
 
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,

@@ -59,9 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     run([tool("kvasir-report"), *map(str, runs), "--out", str(out / "report")])
     best = next(runs[0].glob("checkpoints/best-*.ckpt"))
     folder = next(p for p in sorted(Path(src).iterdir()) if p.is_dir()) if a.kvasir is None \
-        else shards  # a zip has no folder to point at: predict the test split instead
-    run([tool("kvasir-predict"), str(best), str(folder), "--out", str(out / "predictions.csv"),
-         "--cam", str(out / "cams")])
+        else shards  # a zip has no folder to point at
+    # Files of one class folder, and the test split of the shards (every class): a row each,
+    # and a class-activation map each (OUT/cams/cams.png: a row per predicted class).
+    run([tool("kvasir-predict"), str(best), str(folder), str(shards), "--out",
+         str(out / "predictions.csv"), "--cam", str(out / "cams")])
     run([tool("kvasir-export"), str(best), "--format", "onnx", "--out", str(out / "model.onnx")])
     print(f"\ndemo finished in {time.time() - t0:.0f} s; runs {', '.join(map(str, runs))}; "
           f"leaderboard {out / 'report' / 'leaderboard.md'}")

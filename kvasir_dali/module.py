@@ -29,7 +29,12 @@ from .model import create_model, param_groups
 
 
 def eval_metrics(num_classes: int) -> MetricCollection:
-    """Scalar metrics: plain (micro) top-k accuracy over samples, macro F1, MCC."""
+    """Scalar metrics: plain (micro) top-k accuracy over samples, macro F1, MCC.
+
+    compute_groups=False: torchmetrics otherwise merges metrics whose states happen to be equal
+    after the first batch (top-1 and top-3 when the first batch is all right at top-1) and
+    from then on reports one for both: top-3 then equals accuracy.
+    """
     c = num_classes
     return MetricCollection({
         "accuracy": MulticlassAccuracy(c, average="micro"),
@@ -37,7 +42,7 @@ def eval_metrics(num_classes: int) -> MetricCollection:
         "top5": MulticlassAccuracy(c, top_k=min(5, c), average="micro"),
         "f1_macro": MulticlassF1Score(c, average="macro"),
         "mcc": MulticlassMatthewsCorrCoef(c),
-    })
+    }, compute_groups=False)
 
 
 def class_metrics(num_classes: int) -> MetricCollection:
@@ -48,7 +53,7 @@ def class_metrics(num_classes: int) -> MetricCollection:
         "recall": MulticlassRecall(c, average=None),
         "f1": MulticlassF1Score(c, average=None),
         "confusion": MulticlassConfusionMatrix(c),
-    })
+    }, compute_groups=False)
 
 
 class KvasirClassifier(L.LightningModule):

@@ -1,13 +1,19 @@
-"""benchmarks/throughput.py --quick: the JSON it writes is complete and its figures agree with
-each other (a full step cannot outrun the model alone, nor the loader alone)."""
+"""benchmarks/throughput.py --quick: the JSON it writes is complete, its data description
+agrees with an independent recompute from samples.csv, and a loader whose library is missing
+is reported while the others still run. (Speed itself is measured, not asserted: timings on a
+shared machine are not a test.)"""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,11 +30,13 @@ def test_quick_benchmark_writes_complete_results(shards, tmp_path):
         for name, r in res[mode].items():
             for k in ("images_per_s", "p10", "p90", "cpu_s_per_1000", "peak_rss_mb"):
                 assert r[k] > 0, (mode, name, k)
-    model = res["model_only"]["images_per_s"]
-    assert model > 0
-    for name, r in res["full_step"].items():  # the step is loader + model: never faster than
-        assert r["images_per_s"] <= 1.3 * model, name  # the model alone (30%: timing noise)
-        assert r["images_per_s"] <= 1.3 * res["loader"][name]["images_per_s"], name
+    assert res["model_only"]["images_per_s"] > 0
+    rows = list(csv.DictReader(open(shards / "samples.csv")))
+    pixels = sum(int(r["packed_width"]) * int(r["packed_height"]) for r in rows)
+    bpp = 8 * sum(int(r["packed_bytes"]) for r in rows) / pixels
+    assert res["data"]["bits_per_pixel"] == pytest.approx(bpp, rel=1e-9)
+    sizes = Counter(f"{r['packed_width']}x{r['packed_height']}" for r in rows)
+    assert res["data"]["sizes"] == dict(sizes)
     assert set(res["inference"]) == {"pytorch-unfused", "pytorch-fused", "onnxruntime-cpu-fused"}
     assert all(r["images_per_s"] > 0 for r in res["inference"].values())
     assert all(0 <= r["data_wait_share"] <= 1 for r in res["full_step"].values())

@@ -209,3 +209,17 @@ def test_killed_mid_epoch_and_resumed_trains_exactly_like_an_uninterrupted_run(s
     assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"]
     epochs = sorted(int(r["epoch"]) for r in read_metrics(run) if r.get("val/accuracy"))
     assert epochs == [0, 1, 2] and (run / "results.json").is_file()
+
+
+def test_top3_is_not_merged_with_accuracy_when_the_first_batch_is_all_right():
+    from kvasir_dali.module import eval_metrics
+
+    metrics = eval_metrics(8)
+    y = torch.tensor([0, 1, 2, 3])
+    right = torch.nn.functional.one_hot(y, 8).float()  # batch 1: every sample right at top 1
+    metrics.update(right, y)
+    second = right.clone()
+    second[:, 0] += 2.0  # batch 2: class 0 on top, the true class second: top-3 still right
+    metrics.update(second.softmax(-1), y)
+    out = {k: v.item() for k, v in metrics.compute().items()}
+    assert out["accuracy"] == pytest.approx(5 / 8) and out["top3"] == pytest.approx(1.0)
