@@ -155,14 +155,15 @@ def _hash_bits(hashes: list[str]) -> np.ndarray:
 
 
 def candidate_pairs(hashes: list[str], blocks: int = 17) -> int:
-    """Pairs that share at least one of `blocks` equal bit blocks, counted per block: the
-    comparisons a pigeonhole block index makes (16 bits -> 17 blocks of 256)."""
-    bits = _hash_bits(hashes)
-    edges = np.linspace(0, bits.shape[1], blocks + 1).round().astype(int)
+    """Pairs that share a block value in the near-duplicate index, counted per block: the
+    comparisons the index makes (16 bits -> 17 blocks of the 256, dealt by entropy as
+    shard_tools.split does: its own functions, so this counts what it really compares)."""
+    from shard_tools.split import _block_values, _blocks
+
+    packed = np.stack([np.frombuffer(bytes.fromhex(x), np.uint8) for x in hashes])
     total = 0
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        values = bits[:, lo:hi].astype(np.int64) @ (1 << np.arange(hi - lo, dtype=np.int64))
-        counts = np.unique(values, return_counts=True)[1]
+    for bits in _blocks(packed, blocks):
+        counts = np.unique(_block_values(packed, bits), return_counts=True)[1]
         total += int((counts * (counts - 1) // 2).sum())
     return total
 
