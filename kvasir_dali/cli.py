@@ -14,9 +14,11 @@ run leaves no empty run folder.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 # Before torch/lightning touch anything: wandb never prompts and stays offline without a key.
@@ -27,14 +29,21 @@ os.environ.setdefault("WANDB_SILENT", "true")
 from lightning.fabric.utilities.exceptions import MisconfigurationException  # noqa: E402
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger  # noqa: E402
 
-from shard_tools.errors import UserError, run_command  # noqa: E402
+from shard_tools.errors import Terminated, UserError, run_command  # noqa: E402
 
 from .callbacks import Throughput  # noqa: E402
 from .data import KvasirDataModule  # noqa: E402
 from .inference import read_checkpoint  # noqa: E402
 from .module import KvasirClassifier  # noqa: E402
 from .report import RunInfo, write_results  # noqa: E402
+
+# Lightning advertises its cloud logger at every start, and warns of its own use of a torch
+# API torch deprecated: neither is a line a user of this tool can act on.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: not str(record.msg).startswith("💡 Tip"))
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 CONFIGS = Path(__file__).resolve().parent / "configs"  # in an installed wheel
 if not CONFIGS.is_dir():  # a source checkout (editable install): the top-level folder
@@ -69,6 +78,13 @@ def _logger_dirs(trainer_cfg) -> list:
         loggers = [loggers]
     return [lg for lg in loggers if lg is not None and not isinstance(lg, bool)
             and "CSVLogger" in str(lg.get("class_path", ""))]
+
+
+def _run_dir(trainer) -> Path:
+    """This rank's view of the run folder, as `trainer.log_dir` finds it but without its
+    broadcast: failure paths run on rank 0 alone, where a collective would wait forever."""
+    lg = trainer.logger
+    return Path(lg.log_dir if isinstance(lg, (CSVLogger, TensorBoardLogger)) else lg.save_dir)
 
 
 class KvasirCLI(LightningCLI):
@@ -121,16 +137,39 @@ class KvasirCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         try:
             super()._run_subcommand(subcommand)
+        except SystemExit as exc:
+            self._remove_empty_run_dir()
+            trainer = getattr(self, "trainer", None)
+            if exc.code == 1 and trainer is not None and trainer.interrupted:
+                # Lightning ends a Ctrl-C'd run with its graceful shutdown and sys.exit(1); end
+                # it like every kvasir command ends one (one line, exit 130).
+                self._say_how_to_resume()
+                raise KeyboardInterrupt from None
+            raise
+        except Terminated:  # SIGTERM: Lightning passes it on to shard_tools.errors' handler
+            self._remove_empty_run_dir()
+            self._say_how_to_resume()
+            raise
         except BaseException:
             self._remove_empty_run_dir()
             raise
+
+    def _say_how_to_resume(self) -> None:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.global_rank != 0 or self.subcommand != "fit" \
+                or trainer.logger is None:
+            return
+        last = _run_dir(trainer) / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            print(f"kvasir-train: {last} holds the last finished epoch; continue with "
+                  "--ckpt_path last", file=sys.stderr)
 
     def _remove_empty_run_dir(self) -> None:
         """A run that failed before writing a checkpoint or results leaves no folder behind."""
         trainer = getattr(self, "trainer", None)
         if trainer is None or trainer.global_rank != 0 or trainer.logger is None:
             return
-        run_dir = Path(trainer.log_dir or "")
+        run_dir = _run_dir(trainer)
         if run_dir.is_dir() and not any(run_dir.rglob("*.ckpt")) \
                 and not (run_dir / "results.json").exists():
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -15,7 +15,6 @@ outlives a modification. `KVASIR_SHARD_CHECK=off` skips the check (not recommend
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shard_tools.manifest import Components, Manifest, ManifestError, Shard, Split, load
+from shard_tools.tario import file_sha256
 
 
 class ShardError(ManifestError):
@@ -67,14 +67,6 @@ def _save_cache(good: set[str]) -> None:
         os.replace(fh.name, path)
     except OSError:
         pass  # a read-only home: the check still ran, it just is not remembered
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -125,7 +117,7 @@ class ShardSet:
         todo = [(s, _fingerprint(self.root / s.tar, s.sha256)) for s in shards]
         todo = [(s, fp) for s, fp in todo if fp not in cache]
         with ThreadPoolExecutor(max(1, threads)) as pool:  # hashlib releases the GIL
-            digests = list(pool.map(lambda t: _sha256(self.root / t[0].tar), todo))
+            digests = list(pool.map(lambda t: file_sha256(self.root / t[0].tar), todo))
         for (shard, fp), digest in zip(todo, digests):
             if digest != shard.sha256:
                 raise ShardError(f"{self.root / shard.tar}: SHA-256 differs from the manifest "

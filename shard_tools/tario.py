@@ -141,3 +141,13 @@ def scan_tar(path: Path) -> list[list[Member]]:
             else:
                 rows[-1].append(m)
     return rows
+
+
+def file_sha256(path: Path, chunk: int = 8 << 20) -> str:
+    """SHA-256 of a file read in `chunk`-byte pieces (8 MiB): memory stays flat whatever the
+    shard size."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -7,38 +7,50 @@ label encodings agree, and the counts add up per shard, per split and against sa
 
 from __future__ import annotations
 
-import hashlib
 import tarfile
 from pathlib import Path
+from typing import BinaryIO
 
 from tqdm import tqdm
 
 from .manifest import Manifest, ManifestError, Shard, load, samples, unpack_label
-from .tario import parse_index, scan_tar
+from .tario import Member, file_sha256, parse_index, scan_tar
 
 
-def _check_samples(tar: Path, data: bytes, rows: list, manifest: Manifest) -> list[str]:
+def _read(fh: BinaryIO, m: Member, limit: int | None = None) -> bytes:
+    """Member `m`'s bytes, or its first `limit` (of an image, its magic number). Sizes are
+    the tar's own, checked by SHA-256 before: a label is a few bytes."""
+    fh.seek(m.offset)
+    return fh.read(m.size if limit is None else min(m.size, limit))
+
+
+def _check_samples(tar: Path, rows: list, manifest: Manifest) -> list[str]:
+    errors = []
+    with open(tar, "rb") as fh:  # one sample's labels at a time: memory flat in shard size
+        for row in rows:
+            errors += _check_sample(tar, fh, row, manifest)
+    return errors
+
+
+def _check_sample(tar: Path, fh: BinaryIO, row: list, manifest: Manifest) -> list[str]:
     comp, errors = manifest.components, []
-    for row in rows:
-        parts = {m.ext: m for m in row}
-        key = row[0].name.split(".")[0]
-        if set(parts) != set(comp.all()):
-            errors.append(f"{tar}: sample {key} has components {sorted(parts)}, "
-                          f"expected {sorted(comp.all())}")
-            continue
-        member = {ext: data[m.offset : m.offset + m.size] for ext, m in parts.items()}
-        text = member[comp.label_text]
-        try:
-            label, number = unpack_label(member[comp.label])
-        except ValueError:
-            label, number = -1, -1
-        if not text.isdigit() or int(text) != label or not 0 <= label < len(manifest.classes):
-            errors.append(f"{tar}: sample {key} has labels {comp.label_text}={text!r} "
-                          f"{comp.label}={label}")
-        if number != int(key):
-            errors.append(f"{tar}: sample {key} carries key number {number} in its .lbl")
-        if member[comp.image][:2] != b"\xff\xd8":
-            errors.append(f"{tar}: sample {key} image does not start like a JPEG")
+    parts = {m.ext: m for m in row}
+    key = row[0].name.split(".")[0]
+    if set(parts) != set(comp.all()):
+        return [f"{tar}: sample {key} has components {sorted(parts)}, "
+                f"expected {sorted(comp.all())}"]
+    text, lbl = _read(fh, parts[comp.label_text]), _read(fh, parts[comp.label])
+    try:
+        label, number = unpack_label(lbl)
+    except ValueError:
+        label, number = -1, -1
+    if not text.isdigit() or int(text) != label or not 0 <= label < len(manifest.classes):
+        errors.append(f"{tar}: sample {key} has labels {comp.label_text}={text!r} "
+                      f"{comp.label}={label}")
+    if number != int(key):
+        errors.append(f"{tar}: sample {key} carries key number {number} in its .lbl")
+    if _read(fh, parts[comp.image], 2) != b"\xff\xd8":
+        errors.append(f"{tar}: sample {key} image does not start like a JPEG")
     return errors
 
 
@@ -47,8 +59,7 @@ def _check_shard(root: Path, shard: Shard, manifest: Manifest) -> list[str]:
     for p in (tar, idx):
         if not p.is_file():
             return [f"{p}: missing (listed in the manifest)"]
-    data = tar.read_bytes()
-    if hashlib.sha256(data).hexdigest() != shard.sha256:
+    if file_sha256(tar) != shard.sha256:
         return [f"{tar}: SHA-256 differs from the manifest: the shard was modified or damaged"]
     try:
         index = parse_index(idx.read_text(), str(idx))
@@ -60,7 +71,7 @@ def _check_shard(root: Path, shard: Shard, manifest: Manifest) -> list[str]:
         errors.append(f"{idx}: does not match the members of {tar.name} (offsets, sizes or names)")
     if len(actual) != shard.count:
         errors.append(f"{tar}: {len(actual)} samples, manifest says {shard.count}")
-    return errors + _check_samples(tar, data, actual, manifest)
+    return errors + _check_samples(tar, actual, manifest)
 
 
 def _check_counts(root: Path, manifest: Manifest) -> list[str]:

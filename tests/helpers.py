@@ -61,3 +61,15 @@ class RecordKeys(Callback):
     def on_fit_end(self, trainer, module) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.keys))
+
+
+class SignalAt(Callback):
+    """Sends its own process signal `name` (SIGINT, SIGTERM) after training batch `batch` of
+    epoch `epoch`: a user's Ctrl-C, or a scheduler ending the job."""
+
+    def __init__(self, epoch: int, batch: int, name: str) -> None:
+        self.epoch, self.batch, self.signum = epoch, batch, signal.Signals[name]
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            os.kill(os.getpid(), self.signum)

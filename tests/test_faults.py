@@ -115,7 +115,8 @@ def test_a_manifest_of_another_format_version_is_refused_by_every_reader(shards,
 
 def test_bad_paths_and_options_are_one_line_errors(shards, tmp_path):
     _user_error(_fit(tmp_path / "nowhere", tmp_path), "nowhere", "kvasir-shard build")
-    _user_error(_fit(shards, tmp_path, "--data.batch_size", "1000"), "larger than a rank's share")
+    _user_error(_fit(shards, tmp_path, "--data.batch_size", "1000"),
+                "larger than the training split")
     _user_error(_fit(shards, tmp_path, "--data.fold", "1"), "--data.fold", "not folds")
     _no_run_folder(tmp_path)
     src = json.loads((shards / "manifest.json").read_text())["source"]
@@ -183,3 +184,20 @@ def test_resuming_a_moved_run_folder_trains_and_tests_in_its_new_place(shards, t
     results = json.loads((run / "results.json").read_text())
     assert results["num_samples"] == 24
     assert not (moved / "runs" / "cpu_smoke" / "version_1").exists()  # resumed in place
+
+
+@pytest.mark.parametrize("name,status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_ctrl_c_or_sigterm_mid_fit_ends_in_one_line_and_keeps_the_run(name, status, shards,
+                                                                       tmp_path):
+    stop = {"class_path": "tests.helpers.SignalAt",
+            "init_args": {"epoch": 1, "batch": 0, "name": name}}
+    res = train(["fit", "--config", SMOKE, "--data.shards", str(shards), "--trainer.max_epochs",
+                 "3", *FAST, f"--trainer.callbacks+={json.dumps(stop)}"], tmp_path, check=False)
+    assert res.returncode == status, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert f"kvasir-train: stopped by {name}" in res.stderr.splitlines()[-1]
+    run = tmp_path / "runs" / "cpu_smoke" / "version_0"
+    last = run / "checkpoints" / "last.ckpt"
+    assert f"{last.relative_to(tmp_path)} holds the last finished epoch" in res.stderr
+    epoch = torch.load(last, weights_only=True, map_location="cpu")["epoch"]
+    assert epoch == 0 and not (run / "results.json").exists()  # stopped in the second epoch

@@ -9,9 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from tests.helpers import ROOT
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (requires-python allows it): the same parser
+    tomllib = pytest.importorskip("tomli")
 
 
 def _run(cmd: list, cwd: Path = Path("/")) -> subprocess.CompletedProcess:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import errno
 import hashlib
 import io
@@ -21,8 +22,11 @@ import pytest
 from PIL import Image
 
 from shard_tools.build import BuildError, BuildSpec, build
+from shard_tools.manifest import dump as dump_manifest
+from shard_tools.manifest import load as load_manifest
 from shard_tools.outdir import OutError
 from shard_tools.split import Item, assign_splits, duplicate_groups, split_counts
+from shard_tools.tario import format_index, scan_tar, write_tar
 from shard_tools.verify import verify
 
 
@@ -231,6 +235,33 @@ def test_verify_catches_an_index_that_disagrees_with_its_tar(shards, tmp_path):
     idx.write_text("\n".join([lines[0], " ".join(f), *lines[2:]]) + "\n")
     errors = verify(copy)
     assert len(errors) == 1 and str(idx) in errors[0]
+
+
+def test_verify_reads_every_sample_label_and_image_header(shards, tmp_path):
+    """A shard rewritten whole (so its SHA-256, size and index agree with the manifest) with
+    one wrong text label and one image that is not a JPEG: verify names both samples."""
+    copy = Path(shutil.copytree(shards, tmp_path / "copy"))
+    m = load_manifest(copy)
+    shard = m.splits["val"].shards[0]
+    tar = copy / shard.tar
+    samples = []
+    with open(tar, "rb") as fh:
+        for row in scan_tar(tar):
+            parts = {}
+            for member in row:
+                fh.seek(member.offset)
+                parts[member.ext] = fh.read(member.size)
+            samples.append((row[0].name.split(".")[0], parts))
+    (k0, p0), (k1, p1) = samples[0], samples[1]
+    p0["cls"] = str((int(p0["cls"]) + 1) % len(m.classes)).encode()
+    p1["jpg"] = b"\x89PNG" + p1["jpg"][4:]
+    (copy / shard.idx).write_text(format_index(write_tar(tar, samples)))
+    m.splits["val"].shards[0] = dataclasses.replace(
+        shard, bytes=tar.stat().st_size, sha256=hashlib.sha256(tar.read_bytes()).hexdigest())
+    dump_manifest(m, copy)
+    errors = verify(copy)
+    assert len(errors) == 2, errors
+    assert f"sample {k0} has labels" in errors[0] and f"sample {k1} image" in errors[1]
 
 
 def test_non_empty_out_is_refused_without_overwrite(synth_dir, tmp_path):
