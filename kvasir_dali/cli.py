@@ -137,21 +137,17 @@ class KvasirCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         try:
             super()._run_subcommand(subcommand)
-        except SystemExit as exc:
+        except BaseException as exc:
             self._remove_empty_run_dir()
             trainer = getattr(self, "trainer", None)
-            if exc.code == 1 and trainer is not None and trainer.interrupted:
-                # Lightning ends a Ctrl-C'd run with its graceful shutdown and sys.exit(1); end
-                # it like every kvasir command ends one (one line, exit 130).
+            # Lightning ends a Ctrl-C'd run with its graceful shutdown and sys.exit(1), and
+            # passes SIGTERM on to shard_tools.errors' handler (Terminated).
+            ctrl_c = isinstance(exc, SystemExit) and exc.code == 1 and trainer is not None \
+                and trainer.interrupted
+            if ctrl_c or isinstance(exc, Terminated):
                 self._say_how_to_resume()
+            if ctrl_c:  # ended like every kvasir command ends one: one line, exit 130
                 raise KeyboardInterrupt from None
-            raise
-        except Terminated:  # SIGTERM: Lightning passes it on to shard_tools.errors' handler
-            self._remove_empty_run_dir()
-            self._say_how_to_resume()
-            raise
-        except BaseException:
-            self._remove_empty_run_dir()
             raise
 
     def _say_how_to_resume(self) -> None:

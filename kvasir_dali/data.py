@@ -77,9 +77,10 @@ class KvasirDataModule(L.LightningDataModule):
         self.shard_set.manifest.roles(fold)  # refuses a fold the shards do not have
         # The whole split now, before the Trainer prints its start-up lines; a rank's share,
         # which needs the world size, is checked again in setup().
-        if self.shard_set.count("train", fold) < batch_size:
+        train_count = self.shard_set.count("train", fold)
+        if train_count < batch_size:
             raise DataError(f"--data.batch_size {batch_size} is larger than the training split "
-                            f"({self.shard_set.count('train', fold)} samples); lower it")
+                            f"({train_count} samples); lower it")
         self.batch_size, self.image_size = batch_size, image_size
         self.device, self.num_threads, self.seed = device, num_threads, seed
         self.model_name, self.channels_last = model_name, channels_last

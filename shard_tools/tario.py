@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,10 +101,12 @@ def write_tar(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> li
 
 def format_index(index: list[list[Member]]) -> str:
     """The text of a v1.2 index file."""
-    lines = [f"{INDEX_VERSION} {len(index)}"]
-    for row in index:
-        lines.append(" ".join(f"{m.ext} {m.offset} {m.size} {m.name}" for m in row))
-    return "\n".join(lines) + "\n"
+    return "\n".join([f"{INDEX_VERSION} {len(index)}", *map(format_row, index)]) + "\n"
+
+
+def format_row(row: list[Member]) -> str:
+    """One sample's line of the index: `<ext> <offset> <size> <name>` per member."""
+    return " ".join(f"{m.ext} {m.offset} {m.size} {m.name}" for m in row)
 
 
 def parse_index(text: str, source: str = "index") -> list[list[Member]]:
@@ -125,22 +127,22 @@ def parse_index(text: str, source: str = "index") -> list[list[Member]]:
     return rows
 
 
-def scan_tar(path: Path) -> list[list[Member]]:
-    """Index a tar by reading its headers (independent of how it was written)."""
-    rows: list[list[Member]] = []
-    last = None
+def iter_tar(path: Path) -> Iterator[list[Member]]:
+    """The tar's samples in order, read from its headers (independent of how it was written),
+    one at a time: tarfile's own list of every member is emptied as it goes."""
+    row: list[Member] = []
     with tarfile.open(path, mode="r:") as tar:
-        for ti in tar:
+        while (ti := tar.next()) is not None:
+            tar.members.clear()  # kept only for getmembers(), which is not used here
             if not ti.isreg():
                 continue
-            key, ext = split_name(ti.name)
-            m = Member(ext, ti.offset_data, ti.size, ti.name)
-            if key != last:
-                rows.append([m])
-                last = key
-            else:
-                rows[-1].append(m)
-    return rows
+            m = Member(split_name(ti.name)[1], ti.offset_data, ti.size, ti.name)
+            if row and split_name(row[0].name)[0] != split_name(ti.name)[0]:
+                yield row
+                row = []
+            row.append(m)
+    if row:
+        yield row
 
 
 def file_sha256(path: Path, chunk: int = 8 << 20) -> str:

@@ -14,7 +14,7 @@ from typing import BinaryIO
 from tqdm import tqdm
 
 from .manifest import Manifest, ManifestError, Shard, load, samples, unpack_label
-from .tario import Member, file_sha256, parse_index, scan_tar
+from .tario import INDEX_VERSION, Member, file_sha256, format_row, iter_tar
 
 
 def _read(fh: BinaryIO, m: Member, limit: int | None = None) -> bytes:
@@ -22,14 +22,6 @@ def _read(fh: BinaryIO, m: Member, limit: int | None = None) -> bytes:
     the tar's own, checked by SHA-256 before: a label is a few bytes."""
     fh.seek(m.offset)
     return fh.read(m.size if limit is None else min(m.size, limit))
-
-
-def _check_samples(tar: Path, rows: list, manifest: Manifest) -> list[str]:
-    errors = []
-    with open(tar, "rb") as fh:  # one sample's labels at a time: memory flat in shard size
-        for row in rows:
-            errors += _check_sample(tar, fh, row, manifest)
-    return errors
 
 
 def _check_sample(tar: Path, fh: BinaryIO, row: list, manifest: Manifest) -> list[str]:
@@ -61,17 +53,23 @@ def _check_shard(root: Path, shard: Shard, manifest: Manifest) -> list[str]:
             return [f"{p}: missing (listed in the manifest)"]
     if file_sha256(tar) != shard.sha256:
         return [f"{tar}: SHA-256 differs from the manifest: the shard was modified or damaged"]
+    errors, count, same = [], 0, True
     try:
-        index = parse_index(idx.read_text(), str(idx))
-        actual = scan_tar(tar)
-    except (ValueError, tarfile.TarError) as exc:
-        return [f"{idx if isinstance(exc, ValueError) else tar}: {exc}"]
-    errors = []
-    if index != actual:
-        errors.append(f"{idx}: does not match the members of {tar.name} (offsets, sizes or names)")
-    if len(actual) != shard.count:
-        errors.append(f"{tar}: {len(actual)} samples, manifest says {shard.count}")
-    return errors + _check_samples(tar, actual, manifest)
+        with open(idx, encoding="utf-8", errors="replace") as lines, open(tar, "rb") as fh:
+            head = lines.readline().rstrip("\n")
+            for row in iter_tar(tar):  # one sample at a time: memory flat in the shard's size
+                count += 1
+                same = same and lines.readline().rstrip("\n") == format_row(row)
+                errors += _check_sample(tar, fh, row, manifest)
+            same = same and head == f"{INDEX_VERSION} {count}" and not lines.readline()
+    except tarfile.TarError as exc:
+        return [f"{tar}: {exc}"]
+    if count != shard.count:
+        errors.insert(0, f"{tar}: {count} samples, manifest says {shard.count}")
+    if not same:
+        errors.insert(0, f"{idx}: does not match the members of {tar.name} (offsets, sizes, "
+                         "names or count)")
+    return errors
 
 
 def _check_counts(root: Path, manifest: Manifest) -> list[str]:

@@ -26,7 +26,7 @@ from shard_tools.manifest import dump as dump_manifest
 from shard_tools.manifest import load as load_manifest
 from shard_tools.outdir import OutError
 from shard_tools.split import Item, assign_splits, duplicate_groups, split_counts
-from shard_tools.tario import format_index, scan_tar, write_tar
+from shard_tools.tario import format_index, iter_tar, write_tar
 from shard_tools.verify import verify
 
 
@@ -246,7 +246,7 @@ def test_verify_reads_every_sample_label_and_image_header(shards, tmp_path):
     tar = copy / shard.tar
     samples = []
     with open(tar, "rb") as fh:
-        for row in scan_tar(tar):
+        for row in iter_tar(tar):
             parts = {}
             for member in row:
                 fh.seek(member.offset)
