@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import struct
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -198,20 +199,26 @@ def write_samples(root: str | Path, rows: list[Sample]) -> None:
     (Path(root) / SAMPLES).write_text(buf.getvalue())
 
 
-def samples(root: str | Path) -> list[Sample]:
-    """The rows of samples.csv; ManifestError when it is missing or malformed."""
+def iter_samples(root: str | Path) -> Iterator[Sample]:
+    """The rows of samples.csv one at a time; ManifestError when it is missing or malformed."""
     path = Path(root) / SAMPLES
     try:
         with open(path, newline="") as fh:
             reader = csv.DictReader(fh)
             if reader.fieldnames != CSV_COLUMNS:
                 raise ValueError(f"columns {reader.fieldnames}, expected {CSV_COLUMNS}")
-            return [Sample(**{("cls" if k == "class" else k): (int(v) if k in _INT_COLUMNS
-                                                                else v)
-                              for k, v in row.items()}) for row in reader]
+            for row in reader:
+                yield Sample(**{("cls" if k == "class" else k): (int(v) if k in _INT_COLUMNS
+                                                                 else v)
+                                for k, v in row.items()})
     except (OSError, ValueError, TypeError) as exc:
         raise ManifestError(f"{path}: unreadable ({exc}); rebuild the shards with "
                             "`kvasir-shard build SRC OUT --overwrite`") from exc
+
+
+def samples(root: str | Path) -> list[Sample]:
+    """Every row of samples.csv (see iter_samples)."""
+    return list(iter_samples(root))
 
 
 def split_digest(rows: list[Sample], split_names: list[str]) -> str:
