@@ -98,6 +98,11 @@ class KvasirCLI(LightningCLI):
         parser.link_arguments("model.channels_last", "data.channels_last")
         parser.link_arguments("data.image_size", "model.image_size")
 
+    def instantiate_trainer(self, **kwargs):
+        if self.subcommand == "fit":  # a user error now, before the Trainer's start-up lines
+            self.datamodule.check_batch()
+        return super().instantiate_trainer(**kwargs)
+
     def _parse_ckpt_path(self) -> None:
         """Resolve `last`, refuse URLs and unreadable files, load weights-only; then let
         Lightning read the checkpoint's hyper-parameters."""

@@ -75,12 +75,6 @@ class KvasirDataModule(L.LightningDataModule):
             raise DataError("; ".join(problems))
         self.shard_set = ShardSet.open(shards)  # reads JSON only: no CUDA before the trainer
         self.shard_set.manifest.roles(fold)  # refuses a fold the shards do not have
-        # The whole split now, before the Trainer prints its start-up lines; a rank's share,
-        # which needs the world size, is checked again in setup().
-        train_count = self.shard_set.count("train", fold)
-        if train_count < batch_size:
-            raise DataError(f"--data.batch_size {batch_size} is larger than the training split "
-                            f"({train_count} samples); lower it")
         self.batch_size, self.image_size = batch_size, image_size
         self.device, self.num_threads, self.seed = device, num_threads, seed
         self.model_name, self.channels_last = model_name, channels_last
@@ -149,17 +143,24 @@ class KvasirDataModule(L.LightningDataModule):
             self.loaders[role] = DaliLoader(self._spec(base, role, world, threads))
         return self.loaders[role]
 
+    def check_batch(self, world: int = 1) -> None:
+        """Every rank's share of the training split holds a batch. kvasir-train calls it with
+        world=1 before the Trainer starts (and prints its start-up lines); setup() again with
+        the real world size."""
+        count = self.shard_set.count("train", self.fold)
+        if count // world < self.batch_size:
+            raise DataError(f"--data.batch_size {self.batch_size} is larger than a rank's share "
+                            f"of the training split ({count // world} of {count} samples over "
+                            f"{world} ranks); lower it")
+
     def _exts(self) -> tuple[str, str]:
         comp = self.shard_set.manifest.components
         return (comp.image, comp.label)
 
     def _spec(self, base: PipeSpec, role: str, world: int, threads: int) -> PipeSpec:
         files = self.shard_set.files(role, self.fold, threads)  # checked against the manifest
-        share = files.count // world
-        if role == "train" and share < self.batch_size:
-            raise DataError(f"--data.batch_size {self.batch_size} is larger than a rank's share "
-                            f"of the training split ({share} of {files.count} samples over "
-                            f"{world} ranks); lower it")
+        if role == "train":
+            self.check_batch(world)
         spec = replace(base, tars=files.tars, indexes=files.indexes, train=role == "train",
                        shuffle_buffer=max(1, min(self.shuffle_buffer, -(-files.count // world))))
         return replace(spec, checkpoint=self._resume) if role == "train" else spec

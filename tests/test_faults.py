@@ -115,8 +115,9 @@ def test_a_manifest_of_another_format_version_is_refused_by_every_reader(shards,
 
 def test_bad_paths_and_options_are_one_line_errors(shards, tmp_path):
     _user_error(_fit(tmp_path / "nowhere", tmp_path), "nowhere", "kvasir-shard build")
-    _user_error(_fit(shards, tmp_path, "--data.batch_size", "1000"),
-                "larger than the training split")
+    res = _fit(shards, tmp_path, "--data.batch_size", "1000")
+    _user_error(res, "larger than a rank's share")
+    assert "GPU available" not in res.stderr  # refused before the Trainer started
     _user_error(_fit(shards, tmp_path, "--data.fold", "1"), "--data.fold", "not folds")
     _no_run_folder(tmp_path)
     src = json.loads((shards / "manifest.json").read_text())["source"]

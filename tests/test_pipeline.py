@@ -206,12 +206,14 @@ def test_empty_split_and_oversized_batch_are_clear_errors(synth_dir, tmp_path):
                     workers=2))
     with pytest.raises(ShardError, match="val split .* no samples"):
         ShardSet.open(out).files("val")
-    # The whole split: at construction, before a Trainer exists.
-    with pytest.raises(DataError, match="batch_size 1000 is larger than the training split"):
-        KvasirDataModule(str(out), batch_size=1000, image_size=32)
-    # A rank's share: once the world size is known (two ranks here).
     count = ShardSet.open(out).count("train")
+    dm = KvasirDataModule(str(out), batch_size=1000, image_size=32)
+    with pytest.raises(DataError, match=f"batch_size 1000 is larger .*{count} of {count}"):
+        dm.check_batch()  # what kvasir-train asks before the Trainer starts
+    dm.setup("test")  # testing needs no training batch
+    # A rank's share, once the world size is known (two ranks here).
     dm = KvasirDataModule(str(out), batch_size=count // 2 + 1, image_size=32)
+    dm.check_batch()
     dm._placement = lambda: (0, 2, 2, "cpu", None, False)
     with pytest.raises(DataError, match=f"larger than a rank's share .*{count // 2} of {count}"):
         dm.setup("fit")
