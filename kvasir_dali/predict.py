@@ -7,7 +7,9 @@ path, pred (class index), pred_class, p_<class> for every class, top3 (class nam
 with a class-activation heatmap of the predicted class, and `DIR/cams.png`.
 
 Exit status: 0 every input predicted; 1 some inputs failed (their rows say why); 2 nothing
-predicted, or a usage error (bad option, unreadable checkpoint, unwritable --out).
+predicted, or a usage error (bad option, unreadable checkpoint, unwritable --out); 130/143
+stopped by Ctrl-C/SIGTERM, after writing the CSV with what was predicted (the rest's rows say
+"not predicted").
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from shard_tools.errors import UserError, run_command
+from shard_tools.errors import Terminated, UserError, run_command
 
 from .predictor import Options, Predictor, Row, gather
 
@@ -69,6 +71,22 @@ def summary(rows: list[Row], classes: list[str], seconds: float, model_seconds: 
     return "\n".join(lines)
 
 
+def _write_stopped(out: Path, rows: list[Row], pending: list[Path], classes: list[str],
+                   stop: BaseException) -> None:
+    """Ctrl-C or SIGTERM: the CSV still gets a row per input, those not reached saying so (a
+    shards folder being predicted gets one row)."""
+    why = "not predicted: stopped by " + ("SIGINT" if isinstance(stop, KeyboardInterrupt)
+                                          else "SIGTERM")
+    for r in rows:
+        if r.probs is None and not r.error:
+            r.error = why
+    rows += [Row(str(d), error=why) for d in pending]
+    write_csv(out, rows, classes)
+    done = sum(r.probs is not None for r in rows)
+    print(f"kvasir-predict: wrote {out} ({done} of {len(rows)} predicted before the stop)",
+          file=sys.stderr)
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kvasir-predict", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -102,9 +120,15 @@ def _run(argv: list[str]) -> int:
         from .cam import CamWriter
 
         cams = CamWriter(Path(a.cam), predictor)
-    predictor.files(rows, cams)
-    for root in shard_dirs:
-        rows += predictor.shards(root, cams)
+    pending = list(shard_dirs)  # shards folders not predicted yet
+    try:
+        predictor.files(rows, cams)
+        while pending:
+            rows += predictor.shards(pending[0], cams)
+            pending.pop(0)
+    except (KeyboardInterrupt, Terminated) as stop:  # keep what was predicted, name the rest
+        _write_stopped(out, rows, pending, predictor.classes, stop)
+        raise
     write_csv(out, rows, predictor.classes)
     print(summary(rows, predictor.classes, time.perf_counter() - start, predictor.model_seconds))
     if cams is not None:

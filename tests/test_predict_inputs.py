@@ -70,3 +70,30 @@ def test_nothing_predicted_exits_2_with_every_row_written(best, tmp_path):
     assert "does not decode" in rows["a.jpg"]["error"] and rows["b.png"]["error"] == "empty file"
     assert rows["c.jpg"]["error"] == "does not exist"
     assert "0 of 3 images predicted" in res.stdout
+
+
+def test_ctrl_c_mid_prediction_writes_what_was_predicted_and_names_the_rest(
+        best, synth_dir, shards, tmp_path, monkeypatch, capsys):
+    from kvasir_dali import predict
+    from kvasir_dali.predictor import Predictor
+
+    real, calls = Predictor.probs, []
+
+    def probs_then_ctrl_c(self, images):  # the user presses Ctrl-C during the second batch
+        calls.append(len(images))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, images)
+
+    monkeypatch.setattr(Predictor, "probs", probs_then_ctrl_c)
+    images = sorted(synth_dir.glob("polyps/*.jpg"))[:8]
+    out = tmp_path / "pred.csv"
+    status = predict.main([str(best), *map(str, images), str(shards), "--batch-size", "4",
+                           "--device", "cpu", "--out", str(out)])
+    assert status == 130 and "stopped by SIGINT" in capsys.readouterr().err
+    rows = list(csv.DictReader(open(out)))
+    assert [r["path"] for r in rows] == [*map(str, images), str(shards)]  # every input, in order
+    predicted = [r for r in rows if r["pred_class"]]
+    assert len(predicted) == calls[0] == 4 and not any(r["error"] for r in predicted)
+    assert all(r["error"] == "not predicted: stopped by SIGINT" for r in rows
+               if not r["pred_class"])
