@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import struct
 import tempfile
 from pathlib import Path
@@ -21,6 +22,12 @@ from tests.helpers import FAST, SMOKE, train
 
 # The tools remember verified shards per user; the tests keep that memory to themselves.
 os.environ["KVASIR_CACHE_DIR"] = tempfile.mkdtemp(prefix="kvasir-test-cache-")
+
+# Tests send SIGINT as a terminal's Ctrl-C would. A test run started in the background by a
+# non-interactive shell (`cmd &`) inherits SIGINT ignored, and so would every tool it starts:
+# an ignored signal survives exec, a handled one is reset to the default there.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def jpeg_bytes(size=(96, 80), color=(180, 60, 50), **save) -> bytes:
