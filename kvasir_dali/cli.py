@@ -99,8 +99,8 @@ class KvasirCLI(LightningCLI):
         parser.link_arguments("data.image_size", "model.image_size")
 
     def instantiate_trainer(self, **kwargs):
-        if self.subcommand == "fit":  # a user error now, before the Trainer's start-up lines
-            self.datamodule.check_batch()
+        if self.subcommand:  # user errors now, before the Trainer's start-up lines
+            self.datamodule.check(self.subcommand)
         return super().instantiate_trainer(**kwargs)
 
     def _parse_ckpt_path(self) -> None:

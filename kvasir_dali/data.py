@@ -143,10 +143,19 @@ class KvasirDataModule(L.LightningDataModule):
             self.loaders[role] = DaliLoader(self._spec(base, role, world, threads))
         return self.loaders[role]
 
+    def check(self, stage: str) -> None:
+        """What kvasir-train checks before the Trainer starts (and prints its start-up lines):
+        every shard `stage` will read against the manifest (`fit` tests after training, so its
+        test split too), and for `fit` a training batch. setup() checks again, cached."""
+        roles = ("train", "val", "test") if stage == "fit" else STAGE_ROLES.get(stage, ())
+        for role in roles:
+            self.shard_set.files(role, self.fold, self.num_threads or os.cpu_count() or 1)
+        if stage == "fit":
+            self.check_batch()
+
     def check_batch(self, world: int = 1) -> None:
-        """Every rank's share of the training split holds a batch. kvasir-train calls it with
-        world=1 before the Trainer starts (and prints its start-up lines); setup() again with
-        the real world size."""
+        """Every rank's share of the training split holds a batch (world=1: the whole split,
+        before the world size is known)."""
         count = self.shard_set.count("train", self.fold)
         if count // world < self.batch_size:
             raise DataError(f"--data.batch_size {self.batch_size} is larger than a rank's share "

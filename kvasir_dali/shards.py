@@ -51,11 +51,16 @@ def _fingerprint(path: Path, expected: str) -> str:
            f"{st.st_mtime_ns}|{st.st_ctime_ns}|{expected}"
 
 
+# Fingerprints this process has hashed: a second check of the same shards (kvasir-train checks
+# before the Trainer starts, then in setup()) is free even where the cache file cannot be kept.
+_CHECKED: set[str] = set()
+
+
 def _load_cache() -> set[str]:
     try:
-        return set(json.loads(_cache_path().read_text()))
+        return set(json.loads(_cache_path().read_text())) | _CHECKED
     except (OSError, ValueError, TypeError):
-        return set()
+        return set(_CHECKED)
 
 
 def _save_cache(good: set[str]) -> None:
@@ -123,6 +128,7 @@ class ShardSet:
                 raise ShardError(f"{self.root / shard.tar}: SHA-256 differs from the manifest "
                                  f"(modified or damaged); {hint}")
             cache.add(fp)
+            _CHECKED.add(fp)
         if todo:
             _save_cache(cache)
 

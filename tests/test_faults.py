@@ -57,15 +57,19 @@ def _no_run_folder(cwd: Path) -> None:
     assert not list(cwd.glob("runs/*/version_*")), list(cwd.glob("runs/**/*"))
 
 
-def test_a_flipped_byte_in_a_training_shard_stops_before_the_first_step(shards, tmp_path):
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_flipped_byte_in_a_shard_the_fit_reads_stops_it_before_the_trainer_starts(
+        split, shards, tmp_path):
+    """The test split too: a fit tests its best checkpoint at the end, hours later."""
     copy = _copy(shards, tmp_path)
     manifest = json.loads((copy / "manifest.json").read_text())
-    tar = copy / manifest["splits"]["train"]["shards"][1]["tar"]
+    tar = copy / manifest["splits"][split]["shards"][-1]["tar"]
     data = bytearray(tar.read_bytes())
     data[4000] ^= 0x01
     tar.write_bytes(bytes(data))
     res = _fit(copy, tmp_path)
     _user_error(res, str(tar), "SHA-256 differs", f"kvasir-shard verify {copy}")
+    assert "GPU available" not in res.stderr  # nothing started: the error is the only news
     _no_run_folder(tmp_path)
 
 
