@@ -6,7 +6,6 @@ Without a network it fails within seconds and says how to get the zip by hand.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import urllib.error
 import urllib.request
@@ -16,6 +15,7 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from .errors import UserError
+from .tario import file_sha256
 
 KVASIR_URL = "https://datasets.simula.no/downloads/kvasir/kvasir-dataset-v2.zip"
 ZIP_NAME = "kvasir-dataset-v2.zip"
@@ -67,14 +67,9 @@ def fetch(url: str, dest: Path, timeout: float = 10.0) -> Path:
 
 def check_zip(path: Path, sha256: str | None = None) -> None:
     """Raise DownloadError when the zip is damaged or its checksum differs."""
-    if sha256:
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                digest.update(chunk)
-        if digest.hexdigest() != sha256.lower():
-            raise DownloadError(f"{path}: SHA-256 {digest.hexdigest()} != expected {sha256}; "
-                                "delete it and download again")
+    if sha256 and (digest := file_sha256(path)) != sha256.lower():
+        raise DownloadError(f"{path}: SHA-256 {digest} != expected {sha256}; "
+                            "delete it and download again")
     try:
         with zipfile.ZipFile(path) as zf:
             bad = zf.testzip()

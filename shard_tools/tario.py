@@ -131,16 +131,18 @@ def iter_tar(path: Path) -> Iterator[list[Member]]:
     """The tar's samples in order, read from its headers (independent of how it was written),
     one at a time: tarfile's own list of every member is emptied as it goes."""
     row: list[Member] = []
+    last = None  # the key of `row`
     with tarfile.open(path, mode="r:") as tar:
         while (ti := tar.next()) is not None:
             tar.members.clear()  # kept only for getmembers(), which is not used here
             if not ti.isreg():
                 continue
-            m = Member(split_name(ti.name)[1], ti.offset_data, ti.size, ti.name)
-            if row and split_name(row[0].name)[0] != split_name(ti.name)[0]:
+            key, ext = split_name(ti.name)
+            if row and key != last:
                 yield row
                 row = []
-            row.append(m)
+            row.append(Member(ext, ti.offset_data, ti.size, ti.name))
+            last = key
     if row:
         yield row
 
